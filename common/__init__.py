@@ -1,0 +1,1 @@
+"""Shared plumbing: configuration, logging, gRPC server/channel factories, TLS, and the LWE core."""

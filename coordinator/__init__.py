@@ -1,0 +1,1 @@
+"""The coordinator: membership, rounds, encrypted aggregation into memory-only patch buffers."""

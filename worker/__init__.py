@@ -1,0 +1,1 @@
+"""The hospital worker: split Llama with LoRA, DP training, encrypted updates."""
