@@ -1,1 +1,4 @@
-"""The LWE core: parameter sets, planner, seeded public matrix, encryption, exact mod-q GEMM, wire format. No grpc imports."""
+"""The LWE core: parameter sets, planner, seeded A, encryption, exact mod-q GEMM, wire format.
+
+No grpc imports: every party and every test uses this directly.
+"""
