@@ -1,0 +1,130 @@
+"""structlog setup (console or JSON, optional file) with secret redaction and a per-call gRPC interceptor."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import structlog
+
+# Values under keys that look like these are never rendered: keys, seeds of secrets, PEMs.
+_SECRET_WORDS = ("key", "secret", "seed", "token", "password", "pem", "private")
+_SAFE_KEYS = {"key_id", "weight_key", "key_check_value_hex"}
+
+
+def redact_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for k in list(event_dict):
+        low = k.lower()
+        if low not in _SAFE_KEYS and any(w in low for w in _SECRET_WORDS):
+            event_dict[k] = "[redacted]"
+    return event_dict
+
+
+class _Tee:
+    """Writes rendered lines to the console and, if set, a log file."""
+
+    def __init__(self, console: TextIO, file: TextIO | None) -> None:
+        self.console, self.file = console, file
+
+    def msg(self, message: str) -> None:
+        print(message, file=self.console, flush=True)
+        if self.file is not None:
+            print(message, file=self.file, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def configure_logging(fmt: str = "console", level: str = "info", file: Path | None = None,
+                      stream: TextIO | None = None) -> None:
+    """Configure structlog once per process."""
+    handle = open(file, "a", encoding="utf-8") if file is not None else None
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json" or handle is not None
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=lambda *_: _Tee(stream or sys.stderr, handle),
+        cache_logger_on_first_use=False,
+    )
+
+
+log = structlog.get_logger("fedfhe")
+
+
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:
+        return "unknown"
+
+
+class LoggingInterceptor(grpc.aio.ServerInterceptor):
+    """Binds method, peer and a call id to structlog's context for the life of each call."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        def bind(context: Any) -> tuple[float, Any]:
+            structlog.contextvars.bind_contextvars(method=method, peer=_peer(context),
+                                                   call_id=uuid.uuid4().hex[:12])
+            return time.perf_counter(), context
+
+        def done(start: float, context: Any, error: BaseException | None) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            log.info("call finished", code=str(code or ("ERROR" if error else "OK")),
+                     ms=round((time.perf_counter() - start) * 1e3, 2))
+            structlog.contextvars.clear_contextvars()
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary_response(request: Any, context: Any) -> Any:
+                start, _ = bind(context)
+                error = None
+                try:
+                    return await inner(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(start, context, error)
+
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.stream_unary_rpc_method_handler)
+        else:
+            inner = handler.unary_stream or handler.stream_stream
+
+            async def unary_response(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                start, _ = bind(context)
+                error = None
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(start, context, error)
+
+            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                    else grpc.stream_stream_rpc_method_handler)
+        return make(unary_response, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

@@ -1,0 +1,144 @@
+"""One place for gRPC server and channel construction: options, TLS, health, reflection, shutdown, errors.
+
+Servicers stay thin: they call protocol-free logic, which raises
+common.errors types, and `status_for` maps those to status codes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import errors
+from common.config import ChannelConfig, ServerConfig, split_host_port
+from common.logs import LoggingInterceptor
+from common.tls import channel_credentials, server_credentials
+
+log = structlog.get_logger("fedfhe.rpc")
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options shared by servers and channels."""
+    return [
+        # Ciphertexts are chunked below this; anything larger is refused, not buffered.
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Rounds can idle for minutes between events: ping so NATs and proxies keep the stream.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept the clients' keepalive pings at that rate instead of answering GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+_STATUS = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """Status code for a domain error: bad input → INVALID_ARGUMENT, wrong state → FAILED_PRECONDITION…"""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: errors.FedfheError) -> None:
+    await context.abort(status_for(exc), str(exc))
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, refuse new calls, let running ones finish within grace."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    cfg: ServerConfig, register: Callable[[grpc.aio.Server], None], service_names: Sequence[str],
+    *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Build, bind and start a server with health checking, reflection and the logging interceptor."""
+    server = grpc.aio.server(interceptors=[LoggingInterceptor(), *interceptors],
+                             options=grpc_options(cfg.max_message_bytes))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    host, _ = split_host_port(cfg.listen)
+    if cfg.insecure:
+        port = server.add_insecure_port(cfg.listen)
+    else:
+        assert cfg.tls_dir is not None  # ServerConfig.validate guarantees it
+        port = server.add_secure_port(cfg.listen, server_credentials(cfg.tls_dir))
+    await server.start()
+    running = RunningServer(server, health_servicer, host, port)
+    log.info("serving", address=running.address, tls=not cfg.insecure, services=list(service_names))
+    return running
+
+
+async def serve_until_signal(running: RunningServer, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down", grace_seconds=grace)
+    finally:
+        await running.stop(grace)
+
+
+class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    """Gives unary calls a deadline when the caller set none (streams live as long as a session)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = details._replace(timeout=self.seconds)
+        return await continuation(details, request)
+
+
+def make_channel(target: str, cfg: ChannelConfig) -> grpc.aio.Channel:
+    """A channel with the same limits, keepalive and (unless insecure) mTLS identity."""
+    options = grpc_options(cfg.max_message_bytes)
+    interceptors = [_DefaultDeadline(cfg.deadline_seconds)]
+    if cfg.insecure:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if cfg.tls_dir is None or not cfg.identity:
+        raise errors.FailedPrecondition("a TLS channel needs --tls-dir and --identity (or --insecure)")
+    creds = channel_credentials(cfg.tls_dir, cfg.identity)
+    return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
