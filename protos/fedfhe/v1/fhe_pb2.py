@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from fedfhe.v1 import common_pb2 as fedfhe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64\x66he/v1/fhe.proto\x12\tfedfhe.v1\x1a\x16\x66\x65\x64\x66he/v1/common.proto\"d\n\tWeightKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.fedfhe.v1.Stage\x12\'\n\tdirection\x18\x03 \x01(\x0e\x32\x14.fedfhe.v1.Direction\"U\n\x0bOpenSession\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\x12&\n\tparam_set\x18\x02 \x01(\x0e\x32\x13.fedfhe.v1.ParamSet\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xa2\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\x0c\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x19\n\x11intermediate_size\x18\x05 \x01(\r\x12\x11\n\tnum_heads\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\"j\n\x0bPassRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x03key\x18\x02 \x01(\x0b\x32\x14.fedfhe.v1.WeightKey\x12$\n\nciphertext\x18\x03 \x01(\x0b\x32\x10.fedfhe.v1.Chunk\"i\n\x0f\x45valuateRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.fedfhe.v1.OpenSessionH\x00\x12&\n\x04pass\x18\x02 \x01(\x0b\x32\x16.fedfhe.v1.PassRequestH\x00\x42\x06\n\x04kind\"H\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.fedfhe.v1.ModelInfo\"B\n\nPassResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12 \n\x06result\x18\x02 \x01(\x0b\x32\x10.fedfhe.v1.Chunk\"o\n\x10\x45valuateResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.fedfhe.v1.SessionOpenedH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.fedfhe.v1.PassResultH\x00\x42\x06\n\x04kind\"|\n\x0eGetHintRequest\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\x12&\n\tparam_set\x18\x02 \x01(\x0e\x32\x13.fedfhe.v1.ParamSet\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\"\n\x04keys\x18\x04 \x03(\x0b\x32\x14.fedfhe.v1.WeightKey\"\x85\x01\n\nHintHeader\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.fedfhe.v1.WeightKey\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63t_bits\x18\x04 \x01(\r\x12\x12\n\ndelta_bits\x18\x05 \x01(\r\x12\x12\n\nrow_scales\x18\x06 \x01(\x0c\"e\n\x0fGetHintResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedfhe.v1.HintHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedfhe.v1.ChunkH\x00\x42\x06\n\x04kind*]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_QKV\x10\x01\x12\x0b\n\x07STAGE_O\x10\x02\x12\x11\n\rSTAGE_GATE_UP\x10\x03\x12\x0e\n\nSTAGE_DOWN\x10\x04*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_FORWARD\x10\x01\x12\x16\n\x12\x44IRECTION_BACKWARD\x10\x02\x32\x99\x01\n\nFheService\x12G\n\x08\x45valuate\x12\x1a.fedfhe.v1.EvaluateRequest\x1a\x1b.fedfhe.v1.EvaluateResponse(\x01\x30\x01\x12\x42\n\x07GetHint\x12\x19.fedfhe.v1.GetHintRequest\x1a\x1a.fedfhe.v1.GetHintResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65\x64\x66he/v1/fhe.proto\x12\tfedfhe.v1\x1a\x16\x66\x65\x64\x66he/v1/common.proto\"d\n\tWeightKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1f\n\x05stage\x18\x02 \x01(\x0e\x32\x10.fedfhe.v1.Stage\x12\'\n\tdirection\x18\x03 \x01(\x0e\x32\x14.fedfhe.v1.Direction\"U\n\x0bOpenSession\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\x12&\n\tparam_set\x18\x02 \x01(\x0e\x32\x13.fedfhe.v1.ParamSet\x12\x10\n\x08model_id\x18\x03 \x01(\t\"\xa2\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0eweights_digest\x18\x02 \x01(\x0c\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x19\n\x11intermediate_size\x18\x05 \x01(\r\x12\x11\n\tnum_heads\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\"j\n\x0bPassRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x03key\x18\x02 \x01(\x0b\x32\x14.fedfhe.v1.WeightKey\x12$\n\nciphertext\x18\x03 \x01(\x0b\x32\x10.fedfhe.v1.Chunk\"q\n\x0f\x45valuateRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.fedfhe.v1.OpenSessionH\x00\x12.\n\x0cpass_request\x18\x02 \x01(\x0b\x32\x16.fedfhe.v1.PassRequestH\x00\x42\x06\n\x04kind\"H\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.fedfhe.v1.ModelInfo\"B\n\nPassResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12 \n\x06result\x18\x02 \x01(\x0b\x32\x10.fedfhe.v1.Chunk\"o\n\x10\x45valuateResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.fedfhe.v1.SessionOpenedH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.fedfhe.v1.PassResultH\x00\x42\x06\n\x04kind\"|\n\x0eGetHintRequest\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\x12&\n\tparam_set\x18\x02 \x01(\x0e\x32\x13.fedfhe.v1.ParamSet\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\"\n\x04keys\x18\x04 \x03(\x0b\x32\x14.fedfhe.v1.WeightKey\"\x85\x01\n\nHintHeader\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.fedfhe.v1.WeightKey\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63t_bits\x18\x04 \x01(\r\x12\x12\n\ndelta_bits\x18\x05 \x01(\r\x12\x12\n\nrow_scales\x18\x06 \x01(\x0c\"e\n\x0fGetHintResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedfhe.v1.HintHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedfhe.v1.ChunkH\x00\x42\x06\n\x04kind*]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_QKV\x10\x01\x12\x0b\n\x07STAGE_O\x10\x02\x12\x11\n\rSTAGE_GATE_UP\x10\x03\x12\x0e\n\nSTAGE_DOWN\x10\x04*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_FORWARD\x10\x01\x12\x16\n\x12\x44IRECTION_BACKWARD\x10\x02\x32\x99\x01\n\nFheService\x12G\n\x08\x45valuate\x12\x1a.fedfhe.v1.EvaluateRequest\x1a\x1b.fedfhe.v1.EvaluateResponse(\x01\x30\x01\x12\x42\n\x07GetHint\x12\x19.fedfhe.v1.GetHintRequest\x1a\x1a.fedfhe.v1.GetHintResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedfhe.v1.fhe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=1247
-  _globals['_STAGE']._serialized_end=1340
-  _globals['_DIRECTION']._serialized_start=1342
-  _globals['_DIRECTION']._serialized_end=1427
+  _globals['_STAGE']._serialized_start=1255
+  _globals['_STAGE']._serialized_end=1348
+  _globals['_DIRECTION']._serialized_start=1350
+  _globals['_DIRECTION']._serialized_end=1435
   _globals['_WEIGHTKEY']._serialized_start=58
   _globals['_WEIGHTKEY']._serialized_end=158
   _globals['_OPENSESSION']._serialized_start=160
@@ -45,19 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PASSREQUEST']._serialized_start=412
   _globals['_PASSREQUEST']._serialized_end=518
   _globals['_EVALUATEREQUEST']._serialized_start=520
-  _globals['_EVALUATEREQUEST']._serialized_end=625
-  _globals['_SESSIONOPENED']._serialized_start=627
-  _globals['_SESSIONOPENED']._serialized_end=699
-  _globals['_PASSRESULT']._serialized_start=701
-  _globals['_PASSRESULT']._serialized_end=767
-  _globals['_EVALUATERESPONSE']._serialized_start=769
-  _globals['_EVALUATERESPONSE']._serialized_end=880
-  _globals['_GETHINTREQUEST']._serialized_start=882
-  _globals['_GETHINTREQUEST']._serialized_end=1006
-  _globals['_HINTHEADER']._serialized_start=1009
-  _globals['_HINTHEADER']._serialized_end=1142
-  _globals['_GETHINTRESPONSE']._serialized_start=1144
-  _globals['_GETHINTRESPONSE']._serialized_end=1245
-  _globals['_FHESERVICE']._serialized_start=1430
-  _globals['_FHESERVICE']._serialized_end=1583
+  _globals['_EVALUATEREQUEST']._serialized_end=633
+  _globals['_SESSIONOPENED']._serialized_start=635
+  _globals['_SESSIONOPENED']._serialized_end=707
+  _globals['_PASSRESULT']._serialized_start=709
+  _globals['_PASSRESULT']._serialized_end=775
+  _globals['_EVALUATERESPONSE']._serialized_start=777
+  _globals['_EVALUATERESPONSE']._serialized_end=888
+  _globals['_GETHINTREQUEST']._serialized_start=890
+  _globals['_GETHINTREQUEST']._serialized_end=1014
+  _globals['_HINTHEADER']._serialized_start=1017
+  _globals['_HINTHEADER']._serialized_end=1150
+  _globals['_GETHINTRESPONSE']._serialized_start=1152
+  _globals['_GETHINTRESPONSE']._serialized_end=1253
+  _globals['_FHESERVICE']._serialized_start=1438
+  _globals['_FHESERVICE']._serialized_end=1591
 # @@protoc_insertion_point(module_scope)

@@ -79,11 +79,12 @@ class PassRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., key: _Optional[_Union[WeightKey, _Mapping]] = ..., ciphertext: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("open",)
+    __slots__ = ("open", "pass_request")
     OPEN_FIELD_NUMBER: _ClassVar[int]
-    PASS_FIELD_NUMBER: _ClassVar[int]
+    PASS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., **kwargs) -> None: ...
+    pass_request: PassRequest
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., pass_request: _Optional[_Union[PassRequest, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "model")

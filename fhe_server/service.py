@@ -1,0 +1,210 @@
+"""FheService servicer: sessions on a bidirectional stream, chunked passes, hints. Thin over NodeWeights."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from common.chunks import Assembler, split
+from common.errors import FailedPrecondition, FedfheError, InvalidArgument, NotFound, ResourceExhausted
+from common.lwe import wire
+from common.lwe.params import LweParams, ParameterError, by_name
+from common.lwe.prg import SEED_BYTES
+from common.rpc import abort_with
+from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
+from fhe_server.weights import Direction, NodeWeights, Stage, WeightKey
+
+log = structlog.get_logger("fedfhe.fhe_server")
+
+_PARAMS = {common_pb2.PARAM_SET_EXACT: "exact", common_pb2.PARAM_SET_COMPACT: "compact"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_in_flight: int = 8  # per stream: several micro-batches, never an unbounded backlog
+    chunk_bytes: int = 1 << 20  # < the 16 MiB message limit
+    max_ciphertext_bytes: int = 256 << 20
+    max_sessions: int = 64
+
+
+def params_from_proto(value: int) -> LweParams:
+    if value not in _PARAMS:
+        raise InvalidArgument(f"unknown parameter set {value}; use PARAM_SET_EXACT or PARAM_SET_COMPACT")
+    try:
+        return by_name(_PARAMS[value])
+    except ParameterError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def key_from_proto(k: fhe_pb2.WeightKey) -> WeightKey:
+    if k.stage not in Stage._value2member_map_:
+        raise InvalidArgument(f"unknown stage {k.stage}: expected QKV, O, GATE_UP or DOWN")
+    if k.direction not in Direction._value2member_map_:
+        raise InvalidArgument(f"unknown direction {k.direction}: expected FORWARD or BACKWARD")
+    return WeightKey(k.layer, Stage(k.stage), Direction(k.direction))
+
+
+def check_seed(seed: bytes) -> bytes:
+    if len(seed) != SEED_BYTES:
+        raise InvalidArgument(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    return seed
+
+
+@dataclass
+class _Session:
+    id: str
+    seed: bytes
+    params: LweParams
+    pending: dict[int, tuple[WeightKey, Assembler]] = field(default_factory=dict)
+    running: set[int] = field(default_factory=set)
+
+
+class FheServicer(fhe_pb2_grpc.FheServiceServicer):
+    def __init__(self, weights: NodeWeights, limits: Limits | None = None) -> None:
+        self.weights = weights
+        self.limits = limits or Limits()
+        self.sessions: dict[str, _Session] = {}
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id != self.weights.model.model_id:
+            raise NotFound(f"model {model_id!r} is not served here (this node serves "
+                           f"{self.weights.model.model_id!r})")
+
+    def _model_info(self) -> fhe_pb2.ModelInfo:
+        s = self.weights.model.shape
+        return fhe_pb2.ModelInfo(
+            model_id=self.weights.model.model_id, weights_digest=self.weights.digest,
+            num_layers=s.num_layers, hidden_size=s.hidden, intermediate_size=s.intermediate,
+            num_heads=s.num_heads, num_kv_heads=s.num_kv_heads)
+
+    def _open(self, msg: fhe_pb2.OpenSession) -> _Session:
+        params = params_from_proto(msg.param_set)
+        self._check_model(msg.model_id)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(f"node is at its limit of {self.limits.max_sessions} sessions")
+        session = _Session(uuid.uuid4().hex, check_seed(msg.seed), params)
+        self.sessions[session.id] = session
+        return session
+
+    def _accept_chunk(self, session: _Session, p: fhe_pb2.PassRequest) -> tuple[WeightKey, bytes] | None:
+        """Feed one PassRequest chunk; returns (key, ciphertext bytes) once the request is complete."""
+        key = key_from_proto(p.key)
+        self.weights.check_key(key)
+        rid = p.request_id
+        if rid in session.running:
+            raise InvalidArgument(f"request id {rid} is already in flight")
+        if rid not in session.pending:
+            if len(session.pending) + len(session.running) >= self.limits.max_in_flight:
+                raise ResourceExhausted(f"more than {self.limits.max_in_flight} requests in flight")
+            session.pending[rid] = (key, Assembler(self.limits.max_ciphertext_bytes))
+        pkey, asm = session.pending[rid]
+        if pkey != key:
+            raise InvalidArgument(f"request {rid} changed its weight key between chunks")
+        if not asm.add(p.ciphertext.index, p.ciphertext.count, p.ciphertext.data):
+            return None
+        del session.pending[rid]
+        return key, asm.payload()
+
+    def _compute(self, session: _Session, key: WeightKey, data: bytes) -> bytes:
+        try:
+            b = wire.decode(data, kind=wire.Kind.CIPHERTEXT, log_q=session.params.log_q)
+        except wire.WireFormatError as exc:
+            raise InvalidArgument(f"malformed ciphertext: {exc}") from None
+        y = self.weights.evaluate(session.params, key, b)
+        return wire.encode(wire.Kind.RESULT, y)
+
+    async def Evaluate(self, request_iterator: AsyncIterator[fhe_pb2.EvaluateRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[fhe_pb2.EvaluateResponse]:
+        out: asyncio.Queue[fhe_pb2.EvaluateResponse | BaseException | None] = asyncio.Queue()
+        session: _Session | None = None
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(rid: int, key: WeightKey, data: bytes) -> None:
+            assert session is not None
+            try:
+                result = await asyncio.to_thread(self._compute, session, key, data)
+                for i, n, piece in split(result, self.limits.chunk_bytes):
+                    await out.put(fhe_pb2.EvaluateResponse(result=fhe_pb2.PassResult(
+                        request_id=rid, result=common_pb2.Chunk(index=i, count=n, data=piece))))
+            except BaseException as exc:  # surfaced to the caller by the response loop
+                await out.put(exc)
+            finally:
+                session.running.discard(rid)
+
+        async def read() -> None:
+            nonlocal session
+            try:
+                async for req in request_iterator:
+                    kind = req.WhichOneof("kind")
+                    if kind == "open":
+                        if session is not None:
+                            raise FailedPrecondition("session already open on this stream")
+                        session = self._open(req.open)
+                        structlog.contextvars.bind_contextvars(session=session.id[:12])
+                        log.info("session opened", params=session.params.name)
+                        await out.put(fhe_pb2.EvaluateResponse(opened=fhe_pb2.SessionOpened(
+                            session_id=session.id, model=self._model_info())))
+                    elif kind == "pass_request":
+                        if session is None:
+                            raise FailedPrecondition("the first message of a stream must be OpenSession")
+                        done = self._accept_chunk(session, req.pass_request)
+                        if done is not None:
+                            session.running.add(req.pass_request.request_id)
+                            task = asyncio.create_task(run(req.pass_request.request_id, *done))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
+                    else:
+                        raise InvalidArgument("empty EvaluateRequest: set open or pass")
+                if tasks:
+                    await asyncio.gather(*tasks)
+                await out.put(None)
+            except BaseException as exc:
+                await out.put(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    return
+                if isinstance(item, FedfheError):
+                    await abort_with(context, item)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for t in tasks:
+                t.cancel()
+            if session is not None:
+                self.sessions.pop(session.id, None)
+
+    async def GetHint(self, request: fhe_pb2.GetHintRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[fhe_pb2.GetHintResponse]:
+        try:
+            params = params_from_proto(request.param_set)
+            self._check_model(request.model_id)
+            seed = check_seed(request.seed)
+            keys = [key_from_proto(k) for k in request.keys] or [
+                WeightKey(layer, stage, direction)
+                for layer in range(len(self.weights.stages)) for stage in Stage for direction in Direction]
+            for key in keys:
+                self.weights.check_key(key)
+        except FedfheError as exc:
+            await abort_with(context, exc)
+            return
+        for key in keys:
+            h = await asyncio.to_thread(self.weights.hint, params, seed, key)
+            plan = self.weights.plan(params, key)
+            scales = self.weights.row_scales(key) if key.direction == Direction.FORWARD else b""
+            yield fhe_pb2.GetHintResponse(header=fhe_pb2.HintHeader(
+                key=fhe_pb2.WeightKey(layer=key.layer, stage=int(key.stage), direction=int(key.direction)),
+                rows=plan.d_out, cols=plan.d_in, act_bits=plan.act_bits, delta_bits=plan.delta_bits,
+                row_scales=scales.astype("<f4").tobytes() if len(scales) else b""))
+            for i, n, piece in split(wire.encode(wire.Kind.HINT, h), self.limits.chunk_bytes):
+                yield fhe_pb2.GetHintResponse(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
