@@ -13,9 +13,9 @@ from common.config import ServerConfig, opt, parse
 from common.logs import configure_logging
 from common.models import MODEL_IDS, load_model
 from common.rpc import serve_until_signal, start_server
+from common.stages import NodeWeights
 from fedfhe.v1 import fhe_pb2, fhe_pb2_grpc
 from fhe_server.service import FheServicer
-from fhe_server.weights import NodeWeights
 
 SERVICE = fhe_pb2.DESCRIPTOR.services_by_name["FheService"].full_name
 

@@ -16,8 +16,8 @@ from common.lwe import wire
 from common.lwe.params import LweParams, ParameterError, by_name
 from common.lwe.prg import SEED_BYTES
 from common.rpc import abort_with
+from common.stages import Direction, NodeWeights, Stage, WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
-from fhe_server.weights import Direction, NodeWeights, Stage, WeightKey
 
 log = structlog.get_logger("fedfhe.fhe_server")
 

@@ -15,10 +15,10 @@ from common.lwe import scheme, wire
 from common.lwe.prg import DeterministicRandomness, expand_a
 from common.models import load_model
 from common.rpc import make_channel, start_server
+from common.stages import Direction, NodeWeights, Stage, WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
 from fhe_server.service import FheServicer, Limits
-from fhe_server.weights import Direction, NodeWeights, Stage, WeightKey
 
 SEED = bytes(range(32))
 EXACT = common_pb2.PARAM_SET_EXACT

@@ -1,4 +1,4 @@
-"""The node's public weights: per (layer, stage) stacked int8 matrices, per-row scales, plans and hints.
+"""Public base weights by linear stage: stacked int8 matrices, per-row scales, plans, hints.
 
 Stages of a Llama block (see README "four dependent stages"): QKV = [q; k; v]
 on RMSNorm(x), O on the attention output, GATE_UP = [gate; up] on RMSNorm(h),

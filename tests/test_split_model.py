@@ -1,0 +1,163 @@
+"""The split Llama on the tiny model: encrypted path == local quantized path, exact backward, training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from conftest import ServerThread
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common.config import ChannelConfig, ServerConfig
+from common.lwe.params import EXACT
+from common.lwe.quant import quantize_rows
+from common.models import ModelWeights, load_model
+from common.rpc import start_server
+from common.stages import NodeWeights
+from fedfhe.v1 import fhe_pb2_grpc
+from fhe_server.__main__ import SERVICE
+from fhe_server.service import FheServicer
+from worker.fhe_client import FheClient
+from worker.linears import FheEngine, LocalEngine, QuantizedLinears
+from worker.model import FloatLinears, LoraConfig, SplitLlama, generate, next_token_loss, trainable_parameters
+
+LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "gate", "down"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelWeights:
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def node_address(tiny: ModelWeights) -> Iterator[str]:
+    servicer = FheServicer(NodeWeights(tiny))
+
+    async def start():
+        return await start_server(ServerConfig(insecure=True),
+                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
+
+    thread = ServerThread(start)
+    yield thread.running.address
+    thread.stop()
+
+
+@pytest.fixture
+def client(node_address: str) -> Iterator[FheClient]:
+    with FheClient(node_address, ChannelConfig(insecure=True), EXACT, "tiny") as c:
+        yield c
+
+
+def batch(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # one padded row
+    return ids, mask
+
+
+def dequantized(weights: ModelWeights) -> ModelWeights:
+    """The same model with every projection replaced by its int8 per-row dequantization."""
+    layers = []
+    for layer in weights.layers:
+        deq = {}
+        for p, w in layer.items():
+            w_int, s = quantize_rows(w)
+            deq[p] = (w_int.astype(np.float32) * s[:, None]).astype(np.float32)
+        layers.append(deq)
+    return ModelWeights(weights.model_id, weights.shape, layers, weights.tensors)
+
+
+def test_float_model_equals_transformers_llama(tiny: ModelWeights) -> None:
+    s = tiny.shape
+    cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                      num_key_value_heads=s.num_kv_heads, rms_norm_eps=s.rms_eps, rope_theta=s.rope_theta,
+                      tie_word_embeddings=True, max_position_embeddings=64)
+    hf = LlamaForCausalLM(cfg).eval()
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    sd = {"model.embed_tokens.weight": tiny.tensors["embed"], "model.norm.weight": tiny.tensors["norm"],
+          "lm_head.weight": tiny.tensors["embed"]}
+    for i, layer in enumerate(tiny.layers):
+        sd |= {f"model.layers.{i}.{n}.weight": layer[p] for p, n in names.items()}
+        sd[f"model.layers.{i}.input_layernorm.weight"] = tiny.tensors[f"layers.{i}.input_norm"]
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = tiny.tensors[f"layers.{i}.post_norm"]
+    hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    ids, _ = batch()
+    ours = SplitLlama(tiny, FloatLinears(tiny))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_encrypted_logits_equal_local_quantized_logits_exactly(tiny, client) -> None:
+    ids, mask = batch()
+    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)), LORA)
+    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
+    with torch.no_grad():
+        a, b = local(ids, mask), remote(ids, mask)
+    assert torch.equal(a, b)
+    assert client.bytes_up > 0 and client.model_info.model_id == "tiny"
+    # Quantization costs little against the float model.
+    ref = SplitLlama(tiny, FloatLinears(tiny), LORA)(ids, mask).detach()
+    assert (a - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_encrypted_backward_equals_local_and_matches_plain_autograd(tiny, client) -> None:
+    ids, mask = batch(1)
+    grads = {}
+    for name, base in [("local", QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT))),
+                       ("fhe", QuantizedLinears(FheEngine(client))),
+                       ("autograd", FloatLinears(dequantized(tiny)))]:
+        model = SplitLlama(tiny, base, LORA)
+        with torch.no_grad():  # a nonzero B so every LoRA factor gets a gradient signal
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        loss = next_token_loss(model(ids, mask), ids, mask)
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["fhe"].keys() == grads["local"].keys() and len(grads["fhe"]) == 2 * len(LORA.targets)
+    for n, g in grads["fhe"].items():
+        assert torch.equal(g, grads["local"][n]), n
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), grads["autograd"][n].flatten(), dim=0)
+        assert cos >= 0.99, (n, float(cos))
+        assert g.abs().max() > 0, n
+
+
+def test_ffa_lora_freezes_a_and_starts_at_the_base_model(tiny) -> None:
+    base = FloatLinears(tiny)
+    m1, m2 = SplitLlama(tiny, base, LORA), SplitLlama(tiny, base, LORA)
+    names = [n for n, _ in m1.named_parameters() if _.requires_grad]
+    assert names and all(n.endswith("lora_b.weight") for n in names)
+    a1 = [p for n, p in m1.named_parameters() if n.endswith("lora_a.weight")]
+    a2 = [p for n, p in m2.named_parameters() if n.endswith("lora_a.weight")]
+    assert all(torch.equal(x, y) and not x.requires_grad for x, y in zip(a1, a2, strict=True))
+    ids, _ = batch()
+    plain = SplitLlama(tiny, base, LoraConfig(targets=()))
+    with torch.no_grad():
+        assert torch.equal(m1(ids), plain(ids))
+    full = SplitLlama(tiny, base, LoraConfig(targets=("q",), ffa=False))
+    assert len(trainable_parameters(full)) == 2 * tiny.shape.num_layers
+
+
+def test_lora_steps_through_the_encrypted_path_lower_the_loss(tiny, client) -> None:
+    model = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
+    opt = torch.optim.Adam(trainable_parameters(model), lr=0.02)
+    ids, mask = batch(2, (2, 16))
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = next_token_loss(model(ids, mask), ids, mask)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_greedy_generation_matches_token_for_token(tiny, client) -> None:
+    prompt = torch.tensor([[5, 17, 99, 3]])
+    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)))
+    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)))
+    assert generate(remote, prompt, 8) == generate(local, prompt, 8)

@@ -1,0 +1,154 @@
+"""Worker side of FheService: one Evaluate stream per session, results matched to requests by id.
+
+Torch autograd calls the base linears synchronously, so the client runs its
+grpc.aio channel on an event loop in a background thread and exposes blocking
+`hint` / `evaluate` methods; several calls may be in flight at once (each
+waits on its own future, the stream multiplexes them by request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+
+from common.chunks import Assembler, split
+from common.config import ChannelConfig
+from common.errors import FailedPrecondition
+from common.lwe import wire
+from common.lwe.params import LweParams
+from common.lwe.prg import new_seed
+from common.rpc import make_channel
+from common.stages import WeightKey
+from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
+from worker.linears import StageMeta
+
+T = TypeVar("T")
+_PARAM_SETS = {"exact": common_pb2.PARAM_SET_EXACT, "compact": common_pb2.PARAM_SET_COMPACT}
+
+
+def _pb_key(key: WeightKey) -> fhe_pb2.WeightKey:
+    return fhe_pb2.WeightKey(layer=key.layer, stage=int(key.stage), direction=int(key.direction))
+
+
+class FheClient:
+    """A session with the FHE node under a fresh public seed (a new A per session)."""
+
+    def __init__(self, target: str, channel: ChannelConfig, params: LweParams, model_id: str,
+                 *, chunk_bytes: int = 1 << 20, max_result_bytes: int = 1 << 30) -> None:
+        self.target, self.channel_cfg, self.params, self.model_id = target, channel, params, model_id
+        self.seed = new_seed()
+        self.chunk_bytes, self.max_result_bytes = chunk_bytes, max_result_bytes
+        self.model_info: fhe_pb2.ModelInfo | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._hints: dict[WeightKey, tuple[StageMeta, np.ndarray]] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[np.ndarray], Assembler]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fhe-client", daemon=True)
+        self._thread.start()
+        self._run(self._connect())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _connect(self) -> None:
+        self._channel = make_channel(self.target, self.channel_cfg)
+        self._stub = fhe_pb2_grpc.FheServiceStub(self._channel)
+        self._outbox: asyncio.Queue[fhe_pb2.EvaluateRequest | None] = asyncio.Queue()
+        self._opened: asyncio.Future[fhe_pb2.SessionOpened] = self._loop.create_future()
+        await self._outbox.put(fhe_pb2.EvaluateRequest(open=fhe_pb2.OpenSession(
+            seed=self.seed, param_set=_PARAM_SETS[self.params.name], model_id=self.model_id)))
+        self._call = self._stub.Evaluate(self._requests())
+        self._reader = asyncio.create_task(self._read())
+        opened = await self._opened
+        self.model_info = opened.model
+
+    async def _requests(self) -> AsyncIterator[fhe_pb2.EvaluateRequest]:
+        while (msg := await self._outbox.get()) is not None:
+            yield msg
+
+    async def _read(self) -> None:
+        try:
+            async for resp in self._call:
+                if resp.WhichOneof("kind") == "opened":
+                    self._opened.set_result(resp.opened)
+                    continue
+                r = resp.result
+                self.bytes_down += len(r.result.data)
+                fut, asm = self._pending[r.request_id]
+                if asm.add(r.result.index, r.result.count, r.result.data):
+                    del self._pending[r.request_id]
+                    fut.set_result(wire.decode(asm.payload(), kind=wire.Kind.RESULT, log_q=self.params.log_q))
+            raise FailedPrecondition("the FHE node closed the session stream")
+        except BaseException as exc:  # every waiter learns why the stream ended
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not self._opened.done():
+                self._opened.set_exception(exc)
+            self._pending.clear()
+
+    async def _evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
+        rid = next(self._ids)
+        fut: asyncio.Future[np.ndarray] = self._loop.create_future()
+        self._pending[rid] = (fut, Assembler(self.max_result_bytes))
+        data = wire.encode(wire.Kind.CIPHERTEXT, b)
+        self.bytes_up += len(data)
+        for i, n, piece in split(data, self.chunk_bytes):
+            await self._outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
+                request_id=rid, key=_pb_key(key), ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
+        return await fut
+
+    def evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
+        """W·B for ciphertexts B (d_in, T); blocks until the node answers."""
+        return self._run(self._evaluate(key, b))
+
+    async def _fetch_hints(self, keys: list[WeightKey]) -> None:
+        header, asm = None, None
+        request = fhe_pb2.GetHintRequest(seed=self.seed, param_set=_PARAM_SETS[self.params.name],
+                                         model_id=self.model_id, keys=[_pb_key(k) for k in keys])
+        async for resp in self._stub.GetHint(request):
+            if resp.WhichOneof("kind") == "header":
+                header, asm = resp.header, Assembler(self.max_result_bytes)
+                continue
+            assert header is not None and asm is not None
+            self.bytes_down += len(resp.chunk.data)
+            if asm.add(resp.chunk.index, resp.chunk.count, resp.chunk.data):
+                h = wire.decode(asm.payload(), kind=wire.Kind.HINT, log_q=self.params.log_q,
+                                rows=header.rows, cols=self.params.n)
+                scales = np.frombuffer(header.row_scales, dtype="<f4").copy() if header.row_scales else None
+                key = WeightKey(header.key.layer, header.key.stage, header.key.direction)
+                meta = StageMeta(header.act_bits, header.delta_bits, header.rows, header.cols, scales)
+                self._hints[key] = (meta, h)
+
+    def prefetch_hints(self, keys: list[WeightKey] | None = None) -> None:
+        """Download hints (all of the model's when keys is None) in one stream."""
+        self._run(self._fetch_hints(keys or []))
+
+    def hint(self, key: WeightKey) -> tuple[StageMeta, np.ndarray]:
+        if key not in self._hints:
+            self._run(self._fetch_hints([key]))
+        return self._hints[key]
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self._outbox.put(None)
+            self._reader.cancel()
+            await self._channel.close()
+
+        if self._thread.is_alive():
+            self._run(shutdown())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

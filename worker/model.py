@@ -1,0 +1,218 @@
+"""The worker's Llama: readable torch where every frozen base linear is a call to a pluggable backend.
+
+A Llama block is sequential, so it has four dependent linear stages (README,
+"four dependent stages"): QKV = [q; k; v] on RMSNorm(x), O on the attention
+output, GATE_UP = [gate; up] on RMSNorm(h), DOWN on SiLU(gate)·up. Each stage
+is one `BaseLinearFn` call: forward y = W·x and backward δx = Wᵀ·δy both go to
+the backend (plain float, local quantized, or the encrypted FHE node); the
+model holds no base projection weights. Embeddings and norms are frozen
+buffers (public); LoRA adapters are ordinary `nn.Linear` modules, so Opacus
+computes their per-sample gradients with its own grad samplers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models import LlamaShape, ModelWeights
+from common.stages import STAGE_PROJECTIONS, Stage
+
+
+class BaseLinears(Protocol):
+    """Computes the frozen base projections of one stage of one layer, both directions."""
+
+    def forward(self, layer: int, stage: Stage, x: torch.Tensor) -> torch.Tensor:
+        """x (N, d_in) float32 -> W·x as (N, d_out) with the stage's projections stacked."""
+        ...
+
+    def backward(self, layer: int, stage: Stage, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out (N, d_out) -> Wᵀ·grad_out as (N, d_in)."""
+        ...
+
+
+class BaseLinearFn(torch.autograd.Function):
+    """One remote (or local) linear stage; no weight gradient: the base model is frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: BaseLinears, layer: int, stage: Stage) -> torch.Tensor:  # type: ignore[override]
+        ctx.base, ctx.layer, ctx.stage = base, layer, stage
+        lead = x.shape[:-1]
+        y = base.forward(layer, stage, x.reshape(-1, x.shape[-1]).detach())
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        lead = grad.shape[:-1]
+        gx = ctx.base.backward(ctx.layer, ctx.stage, grad.reshape(-1, grad.shape[-1]).contiguous())
+        return gx.reshape(*lead, gx.shape[-1]), None, None, None
+
+
+def stage_dims(shape: LlamaShape) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every projection."""
+    kv = shape.num_kv_heads * shape.head_dim
+    h, m = shape.hidden, shape.intermediate
+    return {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (m, h), "up": (m, h), "down": (h, m)}
+
+
+def projection_of(proj: str) -> Stage:
+    return next(s for s, projs in STAGE_PROJECTIONS.items() if proj in projs)
+
+
+class FloatLinears:
+    """Plain float32 base weights: the reference the quantized and encrypted paths are measured against."""
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.w = [{s: torch.from_numpy(np.concatenate([layer[p] for p in projs])) for s, projs in
+                   STAGE_PROJECTIONS.items()} for layer in weights.layers]
+
+    def forward(self, layer: int, stage: Stage, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w[layer][stage].T
+
+    def backward(self, layer: int, stage: Stage, grad_out: torch.Tensor) -> torch.Tensor:
+        return grad_out @ self.w[layer][stage]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (Hu et al. 2021): y = W0·x + (α/r)·B·A·x. FFA-LoRA (Sun et al. 2024): A frozen, only B trained."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "v")
+    ffa: bool = True  # A frozen from the shared seed: FedAvg of B alone is exact
+    seed: int = 0  # shared by the federation; public, not key material
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+class LoRA(nn.Module):
+    def __init__(self, d_in: int, d_out: int, cfg: LoraConfig, gen: torch.Generator) -> None:
+        super().__init__()
+        self.lora_a = nn.Linear(d_in, cfg.rank, bias=False)
+        self.lora_b = nn.Linear(cfg.rank, d_out, bias=False)
+        self.scale = cfg.alpha / cfg.rank
+        self._init_a(gen)
+        nn.init.zeros_(self.lora_b.weight)  # the adapter starts as the identity edit
+        self.lora_a.weight.requires_grad_(not cfg.ffa)
+
+    def _init_a(self, gen: torch.Generator) -> None:
+        with torch.no_grad():  # Kaiming-uniform bound as in the LoRA reference code, from the shared seed
+            bound = 1.0 / np.sqrt(self.lora_a.in_features)
+            self.lora_a.weight.copy_((torch.rand(self.lora_a.weight.shape, generator=gen) * 2 - 1) * bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_b(self.lora_a(x)) * self.scale
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, layer: int, shape: LlamaShape, weights: ModelWeights, lora: LoraConfig,
+                 gen: torch.Generator) -> None:
+        super().__init__()
+        self.layer, self.shape = layer, shape
+        self.register_buffer("input_norm", torch.from_numpy(weights.tensors[f"layers.{layer}.input_norm"]))
+        self.register_buffer("post_norm", torch.from_numpy(weights.tensors[f"layers.{layer}.post_norm"]))
+        dims = stage_dims(shape)
+        self.lora = nn.ModuleDict({p: LoRA(dims[p][1], dims[p][0], lora, gen) for p in lora.targets})
+
+    def _stage(self, base: BaseLinears, stage: Stage, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stage's projections of x, each plus its LoRA term when targeted."""
+        y = BaseLinearFn.apply(x, base, self.layer, stage)
+        dims = stage_dims(self.shape)
+        outs = y.split([dims[p][0] for p in STAGE_PROJECTIONS[stage]], dim=-1)
+        return [o + self.lora[p](x) if p in self.lora else o
+                for p, o in zip(STAGE_PROJECTIONS[stage], outs, strict=True)]
+
+    def forward(self, x: torch.Tensor, base: BaseLinears, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        s = self.shape
+        B, T, _ = x.shape
+        h = rms_norm(x, self.input_norm, s.rms_eps)
+        q, k, v = self._stage(base, Stage.QKV, h)
+        q = q.view(B, T, s.num_heads, s.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        rep = s.num_heads // s.num_kv_heads  # grouped-query attention: each kv head serves `rep` q heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+        att = att.transpose(1, 2).reshape(B, T, s.hidden)  # (B, T, C)
+        (o,) = self._stage(base, Stage.O, att)
+        x = x + o
+        h = rms_norm(x, self.post_norm, s.rms_eps)
+        gate, up = self._stage(base, Stage.GATE_UP, h)
+        (down,) = self._stage(base, Stage.DOWN, F.silu(gate) * up)
+        return x + down
+
+
+class SplitLlama(nn.Module):
+    """Causal LM whose base linears run on `base`; logits from the tied embedding, on the worker."""
+
+    def __init__(self, weights: ModelWeights, base: BaseLinears, lora: LoraConfig | None = None) -> None:
+        super().__init__()
+        self.shape, self.base = weights.shape, base
+        lora = lora or LoraConfig()
+        gen = torch.Generator().manual_seed(lora.seed)
+        self.register_buffer("embed", torch.from_numpy(weights.tensors["embed"]))
+        self.register_buffer("norm", torch.from_numpy(weights.tensors["norm"]))
+        self.blocks = nn.ModuleList([Block(i, self.shape, weights, lora, gen) for i in range(self.shape.num_layers)])
+        hd = self.shape.head_dim
+        self.register_buffer("inv_freq", 1.0 / self.shape.rope_theta ** (torch.arange(0, hd, 2).float() / hd),
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.embed[input_ids]  # (B, T, C)
+        freqs = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        cos, sin = emb.cos(), emb.sin()
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]  # (1, 1, T, T) causal
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]  # padding keys masked out
+            mask = mask | torch.eye(T, dtype=torch.bool)  # a padded query still attends to itself: no NaN rows
+        for block in self.blocks:
+            x = block(x, self.base, cos, sin, mask)
+        return rms_norm(x, self.norm, self.shape.rms_eps) @ self.embed.T  # (B, T, vocab)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the trained LoRA tensors, under stable names."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-padding targets."""
+    targets = input_ids[:, 1:].clone()
+    if attention_mask is not None:
+        targets[attention_mask[:, 1:] == 0] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def generate(model: SplitLlama, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding of one sequence (recomputes the prefix each step: no KV cache)."""
+    ids = input_ids[0].tolist()
+    for _ in range(max_new_tokens):
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == eos_id:
+            break
+    return ids
