@@ -14,14 +14,15 @@ import grpc
 import structlog
 
 # Values under keys that look like these are never rendered: keys, seeds of secrets, PEMs.
-_SECRET_WORDS = ("key", "secret", "seed", "token", "password", "pem", "private")
+_SECRET_WORDS = ("key", "secret", "seed", "password", "pem", "private")
+_SECRET_NAMES = {"token", "auth_token", "access_token", "credentials"}
 _SAFE_KEYS = {"key_id", "weight_key", "key_check_value_hex"}
 
 
 def redact_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     for k in list(event_dict):
         low = k.lower()
-        if low not in _SAFE_KEYS and any(w in low for w in _SECRET_WORDS):
+        if low in _SECRET_NAMES or (low not in _SAFE_KEYS and any(w in low for w in _SECRET_WORDS)):
             event_dict[k] = "[redacted]"
     return event_dict
 

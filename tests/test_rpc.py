@@ -139,9 +139,10 @@ async def test_interceptor_binds_call_context() -> None:
 
 def test_secrets_are_redacted_from_logs() -> None:
     event = redact_secrets(None, "info", {"event": "x", "update_key": b"k" * 32, "seed": b"s",
-                                          "private_pem": "---", "round": 3})
+                                          "private_pem": "---", "token": "t", "tokens": 5,
+                                          "round": 3})
     assert event == {"event": "x", "update_key": "[redacted]", "seed": "[redacted]",
-                     "private_pem": "[redacted]", "round": 3}
+                     "private_pem": "[redacted]", "token": "[redacted]", "tokens": 5, "round": 3}
 
 
 def test_status_mapping() -> None:
