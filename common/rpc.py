@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -18,11 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import errors
-from common.config import ChannelConfig, ServerConfig, split_host_port
-from common.logs import LoggingInterceptor
+from common.config import ChannelConfig, ServerConfig, parse, split_host_port
+from common.logs import LoggingInterceptor, configure_logging
 from common.tls import channel_credentials, server_credentials
 
 log = structlog.get_logger("fedfhe.rpc")
+ServerConfigT = TypeVar("ServerConfigT", bound=ServerConfig)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -118,6 +119,21 @@ async def serve_until_signal(running: RunningServer, grace: float) -> None:
         log.info("shutting down", grace_seconds=grace)
     finally:
         await running.stop(grace)
+
+
+async def serve_forever(cfg: ServerConfig, register: Callable[[grpc.aio.Server], None],
+                        service_names: Sequence[str]) -> None:
+    """Start a server and serve until SIGTERM/SIGINT."""
+    running = await start_server(cfg, register, service_names)
+    await serve_until_signal(running, cfg.grace_seconds)
+
+
+def service_main(cls: type[ServerConfigT], argv: Sequence[str] | None, *, prog: str, description: str | None,
+                 serve: Callable[[ServerConfigT], Awaitable[None]]) -> None:
+    """Console-script body of every server: parse config, configure logging, run `serve(cfg)`."""
+    cfg = parse(cls, argv, prog=prog, description=description)
+    configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
+    asyncio.run(serve(cfg))
 
 
 class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):

@@ -6,13 +6,11 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 import structlog
 
-from common.config import ServerConfig, opt, parse
-from common.logs import configure_logging
+from common.config import ServerConfig, opt
 from common.models import MODEL_IDS, load_model
-from common.rpc import serve_until_signal, start_server
+from common.rpc import serve_forever, service_main
 from common.stages import NodeWeights
 from fedfhe.v1 import fhe_pb2, fhe_pb2_grpc
 from fhe_server.service import FheServicer
@@ -26,22 +24,14 @@ class FheServerConfig(ServerConfig):
 
 
 async def serve(cfg: FheServerConfig) -> None:
-    log = structlog.get_logger("fedfhe.fhe_server")
-    log.info("loading model", model=cfg.model)
+    structlog.get_logger("fedfhe.fhe_server").info("loading model", model=cfg.model)
     weights = await asyncio.to_thread(lambda: NodeWeights(load_model(cfg.model)))
     servicer = FheServicer(weights)
-
-    def register(server: grpc.aio.Server) -> None:
-        fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, server)
-
-    running = await start_server(cfg, register, [SERVICE])
-    await serve_until_signal(running, cfg.grace_seconds)
+    await serve_forever(cfg, lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse(FheServerConfig, argv, prog="fedfhe-fhe-server", description=__doc__)
-    configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
-    asyncio.run(serve(cfg))
+    service_main(FheServerConfig, argv, prog="fedfhe-fhe-server", description=__doc__, serve=serve)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ from fhe_server.__main__ import SERVICE
 from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
-from worker.model import FloatLinears, LoraConfig, SplitLlama, generate, next_token_loss, trainable_parameters
+from worker.model import (
+    FloatLinears,
+    LoraConfig,
+    SplitLlama,
+    generate,
+    next_token_loss,
+    train_steps,
+    trainable_parameters,
+)
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "gate", "down"), seed=3)
 
@@ -144,15 +152,8 @@ def test_ffa_lora_freezes_a_and_starts_at_the_base_model(tiny) -> None:
 
 def test_lora_steps_through_the_encrypted_path_lower_the_loss(tiny, client) -> None:
     model = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
-    opt = torch.optim.Adam(trainable_parameters(model), lr=0.02)
     ids, mask = batch(2, (2, 16))
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = next_token_loss(model(ids, mask), ids, mask)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(model, ids, mask, steps=6, lr=0.02)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

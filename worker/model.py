@@ -216,3 +216,17 @@ def generate(model: SplitLlama, input_ids: torch.Tensor, max_new_tokens: int, eo
         if nxt == eos_id:
             break
     return ids
+
+
+def train_steps(model: SplitLlama, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int,
+                lr: float) -> list[float]:
+    """A few Adam steps on the trainable (LoRA) parameters; returns the loss before each step."""
+    opt = torch.optim.Adam(trainable_parameters(model), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = next_token_loss(model(input_ids, attention_mask), input_ids, attention_mask)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
