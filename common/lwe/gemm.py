@@ -105,17 +105,19 @@ def limb_width(k: int, small_bound: int, budget: int = _F64_EXACT) -> int:
 
 
 def split_limbs(u: np.ndarray, width: int, count: int) -> list[np.ndarray]:
-    """Signed digits d_i ∈ [−2^(w−1), 2^(w−1)) with Σ d_i·2^(w·i) ≡ u (mod 2^64), as int64 arrays."""
-    x = u.astype(np.uint64, copy=True)
-    mask, half, full = np.uint64((1 << width) - 1), (1 << (width - 1)), 1 << width
-    w64 = np.uint64(width)
+    """Signed digits d_i ∈ [−2^(w−1), 2^(w−1)) with Σ d_i·2^(w·i) ≡ u (mod 2^64), as int64 arrays.
+
+    Branch-free: with y = x + 2^(w−1), the digit is (y mod 2^w) − 2^(w−1) and the
+    rest is ⌊y / 2^w⌋. A wrap of y past 2^64 only drops multiples of 2^64.
+    """
+    x = u.astype(np.uint64, copy=False)
+    mask, half, w64 = np.uint64((1 << width) - 1), np.uint64(1 << (width - 1)), np.uint64(width)
     limbs = []
-    for _ in range(count):
-        d = (x & mask).astype(np.int64)
-        d[d >= half] -= full
-        limbs.append(d)
-        with np.errstate(over="ignore"):
-            x = (x - d.view(np.uint64)) >> w64  # exact division: x − d ≡ 0 mod 2^w
+    with np.errstate(over="ignore"):
+        for _ in range(count):
+            y = x + half
+            limbs.append((y & mask).view(np.int64) - np.int64(1 << (width - 1)))
+            x = y >> w64
     return limbs
 
 
