@@ -121,18 +121,6 @@ def split_limbs(u: np.ndarray, width: int, count: int) -> list[np.ndarray]:
     return limbs
 
 
-def combine_limbs(products: list[np.ndarray], width: int, log_q: int) -> np.ndarray:
-    """Σ P_i·2^(w·i) mod 2^log_q from exact int64 partial products."""
-    acc = np.zeros(products[0].shape, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i, p in enumerate(products):
-            shift = width * i
-            if shift >= 64:
-                break
-            acc += p.view(np.uint64) << np.uint64(shift)
-    return acc if log_q == 64 else acc.astype(np.uint32)
-
-
 def _limbs_32(u: np.ndarray, log_q: int) -> list[np.ndarray]:
     """Fast split into centered 32-bit limbs by reinterpreting the words as int32 (little-endian)."""
     if log_q == 32:
@@ -146,23 +134,62 @@ def _limbs_32(u: np.ndarray, log_q: int) -> list[np.ndarray]:
     return [low, high]
 
 
+def split_signed_digits(s: np.ndarray, bits: int, count: int) -> list[np.ndarray]:
+    """Centered base-2^bits digits of signed integers: Σ d_j·2^(bits·j) = s exactly, |d_j| ≤ 2^(bits−1)."""
+    x = s.astype(np.int64)
+    half, mask = 1 << (bits - 1), (1 << bits) - 1
+    digits = []
+    for _ in range(count):
+        y = x + half
+        digits.append((y & mask) - half)
+        x = y >> bits  # arithmetic shift: floor division, exact for negatives
+    return digits
+
+
+def _block_product(s_parts: list[np.ndarray], u_parts: list[np.ndarray], small: Side) -> list[list[np.ndarray]]:
+    """All products of small parts × uniform parts in one float64 GEMM; blocks[j][i] = s_j · u_i (exact ints)."""
+    m_axis = 0 if small == "left" else 1  # the free axis of the small operand
+    u_axis = 1 if small == "left" else 0
+    sf = np.concatenate(s_parts, axis=m_axis, dtype=np.float64) if len(s_parts) > 1 else (
+        s_parts[0] if s_parts[0].dtype == np.float64 else s_parts[0].astype(np.float64))
+    uf = np.concatenate(u_parts, axis=u_axis, dtype=np.float64)
+    prod = (sf @ uf if small == "left" else uf @ sf).astype(np.int64)
+    if small == "left":  # rows follow the small digits, columns the uniform limbs
+        return [np.split(rows, len(u_parts), axis=1) for rows in np.split(prod, len(s_parts), axis=0)]
+    return [list(cols) for cols in zip(*[np.split(rows, len(s_parts), axis=1)
+                                          for rows in np.split(prod, len(u_parts), axis=0)], strict=True)]
+
+
 def _matmul_cpu(s: np.ndarray, u: np.ndarray, log_q: int, small: Side, bound: int) -> np.ndarray:
     k = s.shape[1] if small == "left" else s.shape[0]
     out_shape = (s.shape[0], u.shape[1]) if small == "left" else (u.shape[0], s.shape[1])
     if 0 in out_shape or k == 0:
         return np.zeros(out_shape, dtype=np.uint64 if log_q == 64 else np.uint32)
-    w_max = min(limb_width(k, bound), log_q)
-    count = -(-log_q // w_max)
-    width = -(-log_q // count)  # equal limbs: the widest product stays furthest from 2^53
-    limbs = _limbs_32(u, log_q) if width == 32 and sys.byteorder == "little" else split_limbs(u, width, count)
-    # All limbs go through one GEMM (stacked beside/below each other): one BLAS call
-    # on a wider matrix runs faster than `count` narrow ones.
-    axis = 1 if small == "left" else 0
-    stacked = np.concatenate(limbs, axis=axis, dtype=np.float64)
-    sf = s if s.dtype == np.float64 else s.astype(np.float64)
-    prod = (sf @ stacked if small == "left" else stacked @ sf).astype(np.int64)
-    products = np.split(prod, count, axis=axis)
-    return np.ascontiguousarray(combine_limbs(products, width, log_q))
+    shifts_s, s_parts = [0], [s]
+    fast = sys.byteorder == "little"
+    if fast and limb_width(k, bound) >= 32:
+        u_width, u_parts = 32, _limbs_32(u, log_q)
+    elif fast and s.size * 4 < u.size and limb_width(k, 1 << 31) >= 2:
+        # Worker side H·S / A·S: the uniform operand is far larger than the secret, so split the
+        # secret into small digits and let the uniform words be free int32-view limbs.
+        bits = limb_width(k, 1 << 31)
+        count = -(-(bound.bit_length() + 1) // bits)
+        s_parts = split_signed_digits(s, bits, count)
+        shifts_s = [bits * j for j in range(count)]
+        u_width, u_parts = 32, _limbs_32(u, log_q)
+    else:
+        count = -(-log_q // min(limb_width(k, bound), log_q))
+        u_width = -(-log_q // count)  # equal limbs: the widest product stays furthest from 2^53
+        u_parts = split_limbs(u, u_width, count)
+    blocks = _block_product(s_parts, u_parts, small)
+    acc = np.zeros(out_shape, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j, row in enumerate(blocks):
+            for i, p in enumerate(row):
+                shift = shifts_s[j] + u_width * i
+                if shift < 64:
+                    acc += p.view(np.uint64) << np.uint64(shift)
+    return np.ascontiguousarray(acc if log_q == 64 else acc.astype(np.uint32))
 
 
 # ------------------------------------------------------------------ CUDA: int8 tensor cores
