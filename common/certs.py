@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.tls import SERVER, TlsError, create_ca, issue
+from common.tls import SERVER, TlsError, check_name, create_ca, issue
 
 
 def make_federation_pki(directory: Path, workers: Sequence[str], hosts: Sequence[str],
@@ -38,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing CA")
     args = parser.parse_args(argv)
     workers = [w for w in args.workers.split(",") if w]
-    bad = [w for w in workers if not w.replace("-", "").replace("_", "").isalnum()]
-    if bad:
-        parser.error(f"worker names must be letters, digits, '-' or '_': {bad}")
     try:
+        for w in workers:
+            check_name(w)
         made = make_federation_pki(args.directory, workers, [h for h in args.hosts.split(",") if h],
                                    operator=not args.no_operator, force=args.force)
     except TlsError as exc:

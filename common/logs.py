@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -96,24 +97,18 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: Any) -> Any:
-                start, _ = bind(context)
-                error = None
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    done(start, context, error)
-
             make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                     else grpc.stream_unary_rpc_method_handler)
         else:
             inner = handler.unary_stream or handler.stream_stream
+            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                    else grpc.stream_stream_rpc_method_handler)
 
-            async def unary_response(request: Any, context: Any) -> Any:  # type: ignore[misc]
+        # grpc.aio runs a streaming handler according to its kind: an async generator is
+        # iterated, a coroutine writes with context.write. The wrapper keeps the kind.
+        if inspect.isasyncgenfunction(inner):
+
+            async def wrapped(request: Any, context: Any) -> Any:
                 start, _ = bind(context)
                 error = None
                 try:
@@ -124,8 +119,18 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     done(start, context, error)
+        else:
 
-            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                    else grpc.stream_stream_rpc_method_handler)
-        return make(unary_response, request_deserializer=handler.request_deserializer,
+            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                start, _ = bind(context)
+                error = None
+                try:
+                    return await inner(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(start, context, error)
+
+        return make(wrapped, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)

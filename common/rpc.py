@@ -86,6 +86,7 @@ async def start_server(
     *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Build, bind and start a server with health checking, reflection and the logging interceptor."""
+    cfg.validate()  # a config built in code gets the same refusals as one from flags
     server = grpc.aio.server(interceptors=[LoggingInterceptor(), *interceptors],
                              options=grpc_options(cfg.max_message_bytes))
     register(server)

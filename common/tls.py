@@ -100,6 +100,7 @@ def issue(ca: Authority, directory: Path, name: str, *, role: str, hosts: list[s
     """Issue `<name>.pem/.key`: a server certificate when hosts is given, else a client one."""
     if role not in ROLES:
         raise TlsError(f"unknown role {role!r}; one of {ROLES}")
+    check_name(name, allow_reserved=name == SERVER and bool(hosts))
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if hosts else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -123,6 +124,18 @@ def issue(ca: Authority, directory: Path, name: str, *, role: str, hosts: list[s
     path = directory / f"{name}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+_RESERVED = {"ca", SERVER}
+
+
+def check_name(name: str, *, allow_reserved: bool = False) -> str:
+    """A certificate name is a plain file stem; `ca` and `server` belong to the federation itself."""
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+        raise TlsError(f"certificate name {name!r} must be 1-64 letters, digits, '-' or '_'")
+    if name.lower() in _RESERVED and not allow_reserved:
+        raise TlsError(f"certificate name {name!r} is reserved for the federation's own files")
+    return name
 
 
 def _read(directory: Path, name: str) -> bytes:

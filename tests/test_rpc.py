@@ -68,6 +68,24 @@ async def test_insecure_server_health_reflection_and_echo() -> None:
         await running.stop(0)
 
 
+async def test_coroutine_streaming_handlers_survive_the_interceptor() -> None:
+    """Health.Watch is a coroutine that writes with context.write, not an async generator."""
+    running = await start_server(server_cfg(), _register, [ECHO])
+    try:
+        async with make_channel(running.address, ChannelConfig(insecure=True)) as ch:
+            call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=ECHO))
+            first = await call.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            call.cancel()
+    finally:
+        await running.stop(0)
+
+
+async def test_start_server_refuses_insecure_on_a_public_address() -> None:
+    with pytest.raises(ConfigError, match="--insecure is refused"):
+        await start_server(ServerConfig(insecure=True, listen="0.0.0.0:0"), _register, [ECHO])
+
+
 async def test_graceful_stop_reports_not_serving_and_refuses_new_calls() -> None:
     running = await start_server(server_cfg(), _register, [ECHO])
     ch = make_channel(running.address, ChannelConfig(insecure=True))
@@ -203,3 +221,5 @@ def test_certs_cli_writes_private_keys_0600_and_refuses_to_replace_a_ca(tmp_path
     for p in d.glob("*.pem"):
         assert not stat.S_IMODE(os.stat(p).st_mode) & 0o022
     assert certs_main([str(d)]) == 2
+    for reserved in ("server", "ca", "../evil"):
+        assert certs_main([str(tmp_path / "other"), "--workers", reserved]) == 2
