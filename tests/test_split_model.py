@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ServerThread
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
@@ -75,28 +74,6 @@ def dequantized(weights: ModelWeights) -> ModelWeights:
             deq[p] = (w_int.astype(np.float32) * s[:, None]).astype(np.float32)
         layers.append(deq)
     return ModelWeights(weights.model_id, weights.shape, layers, weights.tensors)
-
-
-def test_float_model_equals_transformers_llama(tiny: ModelWeights) -> None:
-    s = tiny.shape
-    cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                      num_key_value_heads=s.num_kv_heads, rms_norm_eps=s.rms_eps, rope_theta=s.rope_theta,
-                      tie_word_embeddings=True, max_position_embeddings=64)
-    hf = LlamaForCausalLM(cfg).eval()
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    sd = {"model.embed_tokens.weight": tiny.tensors["embed"], "model.norm.weight": tiny.tensors["norm"],
-          "lm_head.weight": tiny.tensors["embed"]}
-    for i, layer in enumerate(tiny.layers):
-        sd |= {f"model.layers.{i}.{n}.weight": layer[p] for p, n in names.items()}
-        sd[f"model.layers.{i}.input_layernorm.weight"] = tiny.tensors[f"layers.{i}.input_norm"]
-        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = tiny.tensors[f"layers.{i}.post_norm"]
-    hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
-    ids, _ = batch()
-    ours = SplitLlama(tiny, FloatLinears(tiny))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=0, atol=1e-4)
 
 
 def test_encrypted_logits_equal_local_quantized_logits_exactly(tiny, client) -> None:
