@@ -181,3 +181,11 @@ def test_cuda_large_product_matches_cpu() -> None:
         cpu = matmul_mod(w, b, log_q=log_q, small="left", small_bound=127, backend="cpu")
         gpu = matmul_mod(w, b, log_q=log_q, small="left", small_bound=127, backend="cuda")
         assert np.array_equal(gpu, cpu)
+
+
+@pytest.mark.parametrize("bound", [32640, 32767, 8355712])
+def test_cuda_logic_byte_digits_cover_bounds_near_a_byte_boundary(bound: int) -> None:
+    s = np.array([[bound], [-bound]], dtype=np.int64).T.copy()  # (1, 2)
+    u = np.array([[1], [3]], dtype=np.uint64)  # (2, 1)
+    got = cuda_logic_on_cpu(s, u, 64, "left", bound)
+    assert np.array_equal(got, matmul_mod_reference(s, u, log_q=64))

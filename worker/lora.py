@@ -22,8 +22,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from worker import model as split_model
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DP-training wrappers (Opacus' GradSampleModule keeps it as `_module`)."""
@@ -34,7 +32,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the trained LoRA tensors, e.g. `blocks.3.lora.q.lora_b.weight`, wrapped or not."""
-    return split_model.lora_state_dict(unwrap(model))
+    return {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -214,7 +214,10 @@ def byte_limb_matmul(
         return out
 
     u_digits = digits(u, log_q // 8)
-    s_bytes = max(1, math.ceil((math.log2(bound + 1) + 1) / 8)) if bound > 127 else 1
+    # c centered byte digits reach 127·(256^c − 1)/255: take the smallest c that covers the bound.
+    s_bytes = 1
+    while bound > 127 * (256**s_bytes - 1) // 255:
+        s_bytes += 1
     s_digits = digits(s, s_bytes) if bound > 127 else [s.to(torch.int8)]
     k = s.shape[1] if small == "left" else s.shape[0]
     out_rows = s.shape[0] if small == "left" else u.shape[0]
