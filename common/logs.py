@@ -84,10 +84,10 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
 
-        def bind(context: Any) -> tuple[float, Any]:
+        def bind(context: Any) -> float:
             structlog.contextvars.bind_contextvars(method=method, peer=_peer(context),
                                                    call_id=uuid.uuid4().hex[:12])
-            return time.perf_counter(), context
+            return time.perf_counter()
 
         def done(start: float, context: Any, error: BaseException | None) -> None:
             code = context.code() if hasattr(context, "code") else None
@@ -109,7 +109,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(inner):
 
             async def wrapped(request: Any, context: Any) -> Any:
-                start, _ = bind(context)
+                start = bind(context)
                 error = None
                 try:
                     async for item in inner(request, context):
@@ -122,7 +122,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         else:
 
             async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
-                start, _ = bind(context)
+                start = bind(context)
                 error = None
                 try:
                     return await inner(request, context)

@@ -21,7 +21,9 @@ from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 
 log = structlog.get_logger("fedfhe.fhe_server")
 
-_PARAMS = {common_pb2.PARAM_SET_EXACT: "exact", common_pb2.PARAM_SET_COMPACT: "compact"}
+# The one mapping between parameter-set names (common.lwe.params) and fedfhe.v1.ParamSet values.
+PARAM_SET_VALUES = {"exact": common_pb2.PARAM_SET_EXACT, "compact": common_pb2.PARAM_SET_COMPACT}
+_PARAMS = {value: name for name, value in PARAM_SET_VALUES.items()}
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from common.lwe.prg import new_seed
 from common.rpc import make_channel
 from common.stages import WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
+from fhe_server.service import PARAM_SET_VALUES
 from worker.linears import StageMeta
 
 T = TypeVar("T")
-_PARAM_SETS = {"exact": common_pb2.PARAM_SET_EXACT, "compact": common_pb2.PARAM_SET_COMPACT}
 
 
 def _pb_key(key: WeightKey) -> fhe_pb2.WeightKey:
@@ -63,7 +63,7 @@ class FheClient:
         self._outbox: asyncio.Queue[fhe_pb2.EvaluateRequest | None] = asyncio.Queue()
         self._opened: asyncio.Future[fhe_pb2.SessionOpened] = self._loop.create_future()
         await self._outbox.put(fhe_pb2.EvaluateRequest(open=fhe_pb2.OpenSession(
-            seed=self.seed, param_set=_PARAM_SETS[self.params.name], model_id=self.model_id)))
+            seed=self.seed, param_set=PARAM_SET_VALUES[self.params.name], model_id=self.model_id)))
         self._call = self._stub.Evaluate(self._requests())
         self._reader = asyncio.create_task(self._read())
         opened = await self._opened
@@ -111,7 +111,7 @@ class FheClient:
 
     async def _fetch_hints(self, keys: list[WeightKey]) -> None:
         header, asm = None, None
-        request = fhe_pb2.GetHintRequest(seed=self.seed, param_set=_PARAM_SETS[self.params.name],
+        request = fhe_pb2.GetHintRequest(seed=self.seed, param_set=PARAM_SET_VALUES[self.params.name],
                                          model_id=self.model_id, keys=[_pb_key(k) for k in keys])
         async for resp in self._stub.GetHint(request):
             if resp.WhichOneof("kind") == "header":

@@ -12,7 +12,7 @@ computes their per-sample gradients with its own grad samplers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -87,7 +87,6 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q", "v")
     ffa: bool = True  # A frozen from the shared seed: FedAvg of B alone is exact
     seed: int = 0  # shared by the federation; public, not key material
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 class LoRA(nn.Module):
