@@ -1,37 +1,489 @@
-"""Federation membership state, protocol-free: who is enrolled, under which identity."""
+"""Federation state, protocol-free: membership, the round policy, encrypted aggregation into patch buffers.
+
+The round policy:
+- An operator starts a round; the workers connected at that moment (an open
+  watch stream) are eligible and the round waits for them.
+- A worker submits once (a second submission is refused) or declines, before
+  the deadline (a late one is refused). A worker whose stream ends is no
+  longer waited for, so a vanished worker never blocks the round.
+- The round closes as soon as no eligible, connected worker is still pending,
+  or at the deadline: with at least `min_workers` updates it is aggregated,
+  otherwise it fails and nothing is kept.
+- Updates are added into a PatchBuffer as they arrive (the coordinator never
+  holds them apart); the aggregates of the last `keep_rounds` rounds are kept.
+
+Everything runs on one asyncio event loop (the server's), so no locks are
+needed; the deadline is a loop timer. Events go to watchers through queues.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from common.errors import InvalidArgument, PermissionDenied
+import structlog
+
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from common.updates import MAX_PARTICIPANTS, NONCE_BYTES, TensorLayout, UpdateFormatError
+from coordinator.patchbuf import PatchBuffer, PatchStore
+
+log = structlog.get_logger("fedfhe.coordinator")
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_workers: int = 2
+    deadline_seconds: float = 600.0
+    keep_rounds: int = 3
+    require_mlock: bool = False
+    max_update_bytes: int = 1 << 30
+    key_check_value: bytes = b""  # pinned up front; otherwise the first worker's is pinned
+
+
+# --------------------------------------------------------------------------------------------------
+# Events (the servicer turns them into WatchRoundsResponse messages)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParticipantInfo:
+    worker_id: str
+    num_samples: int
+    epsilon: float
+    no_dp: bool
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class RoundStartedEvent:
+    round: int
+    config: Any  # opaque to the coordinator: the operator's RoundConfig, passed through
+    deadline_unix_ms: int
+    base_round: int
+
+
+@dataclass(frozen=True)
+class RoundClosedEvent:
+    round: int
+    participants: tuple[ParticipantInfo, ...]
+    total_samples: int
+    aggregated: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    last_round: int
+
+
+Event = RoundStartedEvent | RoundClosedEvent | FinishedEvent
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers and rounds
+# --------------------------------------------------------------------------------------------------
+
+
+def check_worker_name(name: str) -> str:
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+        raise InvalidArgument(f"worker name {name[:70]!r} must be 1-64 letters, digits, '-' or '_'")
+    return name
 
 
 @dataclass
 class Worker:
     worker_id: str
     num_records: int
+    no_dp: bool = False
     registered_at: float = field(default_factory=time.time)
     last_round: int = 0
     epsilon: float = 0.0
+    declined: str = ""
+    watchers: list[asyncio.Queue[Event]] = field(default_factory=list)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.watchers)
+
+
+@dataclass
+class Round:
+    number: int
+    config: Any
+    deadline_unix_ms: int
+    eligible: tuple[str, ...]
+    base_round: int
+    started: float = field(default_factory=time.monotonic)
+    pending: set[str] = field(default_factory=set)  # eligible, connected, neither submitted nor declined
+    receiving: set[str] = field(default_factory=set)  # headers accepted, payload still streaming
+    submissions: dict[str, ParticipantInfo] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    layout: TensorLayout | None = None
+    buffer: PatchBuffer | None = None
+    state: str = "open"  # open → aggregated | failed; aggregated → evicted
+    reason: str = ""
+    seconds: float = 0.0
+    bytes_received: int = 0
+    restored: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def total_samples(self) -> int:
+        return sum(p.num_samples for p in self.submissions.values())
+
+    def closed_event(self) -> RoundClosedEvent:
+        return RoundClosedEvent(self.number, tuple(self.submissions.values()), self.total_samples,
+                                self.state == "aggregated", self.reason)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A stored aggregate as GetPatch serves it."""
+
+    round: int
+    participants: tuple[ParticipantInfo, ...]
+    total_samples: int
+    layout: TensorLayout
+    payload: bytes
+    key_check_value: bytes
+    restored: bool
+
+
+@dataclass(frozen=True)
+class UpdateClaim:
+    """What a worker's UpdateHeader (or RestoreHeader) says, before the payload arrives."""
+
+    round: int
+    num_samples: int
+    epsilon: float
+    no_dp: bool
+    specs: Sequence[tuple[str, Sequence[int]]]
+    size_bytes: int
+    key_check_value: bytes
+    nonce: bytes
 
 
 class Federation:
-    def __init__(self, federation_id: str | None = None) -> None:
+    def __init__(self, federation_id: str | None = None, settings: Settings | None = None,
+                 *, clock: Callable[[], float] = time.time) -> None:
         self.federation_id = federation_id or "fed-" + secrets.token_hex(4)
+        self.settings = settings or Settings()
+        if self.settings.min_workers < 1:
+            raise ValueError("min_workers must be at least 1")
+        self.key_check_value = self.settings.key_check_value
         self.workers: dict[str, Worker] = {}
-        self.current_round = 0
+        self.rounds: dict[int, Round] = {}
+        self.store = PatchStore(self.settings.keep_rounds)
+        self.finished = False
+        self._observers: list[asyncio.Queue[Event]] = []
+        self._clock = clock
 
-    def register(self, name: str, role: str, num_records: int) -> Worker:
+    # ---- membership -------------------------------------------------------------------------------
+
+    def _check_kcv(self, kcv: bytes, what: str) -> None:
+        if not kcv:
+            raise InvalidArgument(f"{what} carries no consortium key check value")
+        if self.key_check_value and kcv != self.key_check_value:
+            raise FailedPrecondition(
+                f"{what} is under consortium key {kcv.hex()}, but this federation uses "
+                f"{self.key_check_value.hex()}: wrong consortium key file")
+
+    def register(self, name: str, role: str, num_records: int, key_check_value: bytes,
+                 no_dp: bool = False) -> Worker:
         """Enroll (or re-enroll, after a restart) a worker under its certificate name."""
         if role != "worker":
             raise PermissionDenied(f"certificate {name!r} has role {role!r}, not worker")
-        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
-            raise InvalidArgument(f"worker name {name!r} must be 1-64 letters, digits, '-' or '_'")
+        check_worker_name(name)
+        self._check_kcv(key_check_value, f"worker {name!r}")
+        if not self.key_check_value:
+            self.key_check_value = key_check_value
+            log.info("consortium key pinned", key_check_value_hex=key_check_value.hex())
         worker = self.workers.get(name)
         if worker is None:
             worker = self.workers[name] = Worker(name, num_records)
-        worker.num_records = num_records
+            log.info("worker registered", worker=name, records=num_records, no_dp=no_dp)
+        worker.num_records, worker.no_dp = num_records, no_dp
         return worker
+
+    def worker(self, name: str) -> Worker:
+        worker = self.workers.get(name)
+        if worker is None:
+            raise FailedPrecondition(f"worker {name!r} is not registered: call Register first")
+        return worker
+
+    def connect(self, name: str) -> asyncio.Queue[Event]:
+        """Open a watch stream for a registered worker (or an operator, name None-like '')."""
+        worker = self.worker(name)
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        worker.watchers.append(queue)
+        if self.finished:
+            queue.put_nowait(FinishedEvent(self.last_round))
+            return queue
+        rnd = self.open_round
+        if rnd is not None and name in rnd.eligible and name not in rnd.submissions and name not in rnd.declined:
+            rnd.pending.add(name)  # reconnected within its round: it may still submit
+            queue.put_nowait(RoundStartedEvent(rnd.number, rnd.config, rnd.deadline_unix_ms, rnd.base_round))
+        log.info("worker connected", worker=name)
+        return queue
+
+    def disconnect(self, name: str, queue: asyncio.Queue[Event]) -> None:
+        worker = self.workers.get(name)
+        if worker is None or queue not in worker.watchers:
+            return
+        worker.watchers.remove(queue)
+        log.info("worker disconnected", worker=name, still_connected=worker.connected)
+        rnd = self.open_round
+        if rnd is not None and not worker.connected and name in rnd.pending:
+            rnd.pending.discard(name)  # vanished: the round no longer waits for it
+            self._maybe_close(rnd)
+
+    # ---- observers (operators) --------------------------------------------------------------------
+
+    def observe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._observers.append(queue)
+        if self.finished:
+            queue.put_nowait(FinishedEvent(self.last_round))
+        return queue
+
+    def unobserve(self, queue: asyncio.Queue[Event]) -> None:
+        if queue in self._observers:
+            self._observers.remove(queue)
+
+    def _broadcast(self, event: Event, to: Sequence[str] | None = None) -> None:
+        for worker in self.workers.values():
+            if to is None or worker.worker_id in to:
+                for q in worker.watchers:
+                    q.put_nowait(event)
+        for q in self._observers:
+            q.put_nowait(event)
+
+    # ---- rounds -----------------------------------------------------------------------------------
+
+    @property
+    def current_round(self) -> int:
+        return max(self.rounds, default=0)
+
+    @property
+    def last_round(self) -> int:
+        return max((r.number for r in self.rounds.values() if r.state != "open"), default=0)
+
+    @property
+    def open_round(self) -> Round | None:
+        rnd = self.rounds.get(self.current_round)
+        return rnd if rnd is not None and rnd.state == "open" else None
+
+    @property
+    def buffers_locked(self) -> bool:
+        """Every live patch buffer is mlocked (true before the first one exists only if a probe locks)."""
+        live = [r.buffer for r in self.rounds.values() if r.buffer is not None and not r.buffer.closed]
+        if not live:
+            probe = PatchBuffer(8)
+            probe.close()
+            return probe.locked
+        return all(b.locked for b in live)
+
+    @property
+    def latest_patch_round(self) -> int:
+        return max(self.store.rounds(), default=0)
+
+    def start_round(self, config: Any, deadline_seconds: float = 0.0) -> Round:
+        if self.finished:
+            raise FailedPrecondition("the federation is finished")
+        if self.open_round is not None:
+            raise FailedPrecondition(f"round {self.current_round} is still open")
+        if deadline_seconds < 0 or not math.isfinite(deadline_seconds) or deadline_seconds > 7 * 86400:
+            raise InvalidArgument(f"deadline of {deadline_seconds} s is not in (0, 7 days]")
+        seconds = deadline_seconds or self.settings.deadline_seconds
+        connected = sorted(w.worker_id for w in self.workers.values() if w.connected)
+        if len(connected) < self.settings.min_workers:
+            raise FailedPrecondition(f"{len(connected)} worker(s) connected, the round needs at least "
+                                     f"{self.settings.min_workers} (--min-workers)")
+        number = self.current_round + 1
+        rnd = Round(number, config, int((self._clock() + seconds) * 1000), tuple(connected),
+                    self.latest_patch_round, pending=set(connected))
+        self.rounds[number] = rnd
+        rnd.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, number)
+        log.info("round started", round=number, eligible=connected, deadline_seconds=seconds)
+        self._broadcast(RoundStartedEvent(number, config, rnd.deadline_unix_ms, rnd.base_round), to=connected)
+        return rnd
+
+    def _open(self, round_: int, worker: str) -> Round:
+        rnd = self.rounds.get(round_)
+        if rnd is None:
+            raise FailedPrecondition(f"round {round_} has not started (current round {self.current_round})")
+        if rnd.state != "open":
+            raise FailedPrecondition(f"round {round_} is closed ({rnd.state}): late submissions are refused")
+        if worker not in rnd.eligible:
+            raise FailedPrecondition(f"worker {worker!r} was not connected when round {round_} started: "
+                                     "it joins the next round")
+        if worker in rnd.submissions or worker in rnd.receiving:
+            raise FailedPrecondition(f"worker {worker!r} already submitted to round {round_}")
+        if worker in rnd.declined:
+            raise FailedPrecondition(f"worker {worker!r} declined round {round_}")
+        return rnd
+
+    def _check_claim(self, claim: UpdateClaim, what: str) -> TensorLayout:
+        self._check_kcv(claim.key_check_value, what)
+        if not 1 <= claim.num_samples <= 1 << 40:
+            raise InvalidArgument(f"sample count {claim.num_samples} is not in [1, 2^40]")
+        if not (claim.epsilon >= 0 and (math.isfinite(claim.epsilon) or claim.no_dp)):
+            raise InvalidArgument(f"epsilon {claim.epsilon} must be a finite non-negative number")
+        if len(claim.nonce) != NONCE_BYTES:
+            raise InvalidArgument(f"nonce must be {NONCE_BYTES} bytes, got {len(claim.nonce)}")
+        if claim.size_bytes > self.settings.max_update_bytes:
+            raise ResourceExhausted(f"update of {claim.size_bytes} bytes exceeds the limit of "
+                                    f"{self.settings.max_update_bytes}")
+        try:
+            layout = TensorLayout.checked(claim.specs, max_words=self.settings.max_update_bytes // 8)
+        except UpdateFormatError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if layout.size_bytes != claim.size_bytes:
+            raise InvalidArgument(f"header says {claim.size_bytes} bytes, its tensors need {layout.size_bytes}")
+        return layout
+
+    def begin_update(self, worker: str, claim: UpdateClaim) -> TensorLayout:
+        """Check a submission's header before its payload streams in; reserves the worker's slot."""
+        self.worker(worker)
+        rnd = self._open(claim.round, worker)
+        layout = self._check_claim(claim, f"update of {worker!r}")
+        if rnd.layout is not None and layout != rnd.layout:
+            raise InvalidArgument(f"update tensors differ from round {rnd.number}'s first update "
+                                  f"({len(layout.specs)} vs {len(rnd.layout.specs)} tensors)")
+        if len(rnd.submissions) + len(rnd.receiving) >= MAX_PARTICIPANTS:
+            raise ResourceExhausted(f"round {rnd.number} has its maximum of {MAX_PARTICIPANTS} participants")
+        rnd.receiving.add(worker)
+        return layout
+
+    def abandon_update(self, worker: str, round_: int) -> None:
+        """The payload stream broke or failed its checks: free the slot (nothing was added)."""
+        rnd = self.rounds.get(round_)
+        if rnd is not None:
+            rnd.receiving.discard(worker)
+
+    def finish_update(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes) -> None:
+        """Add a complete, digest-checked payload into the round's buffer; may close the round."""
+        rnd = self.rounds.get(claim.round)
+        if rnd is None or worker not in rnd.receiving:
+            raise FailedPrecondition(f"no submission of {worker!r} to round {claim.round} is in progress")
+        rnd.receiving.discard(worker)
+        if rnd.state != "open":
+            raise FailedPrecondition(f"round {claim.round} closed ({rnd.state}) while the update streamed in: "
+                                     "late submissions are refused")
+        if rnd.layout is not None and layout != rnd.layout:  # a concurrent first submission set another layout
+            raise InvalidArgument(f"update tensors differ from round {rnd.number}'s first update")
+        if rnd.buffer is None:
+            rnd.layout = layout
+            rnd.buffer = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
+        rnd.buffer.add(payload)
+        rnd.bytes_received += len(payload)
+        rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
+                                                  claim.nonce)
+        rnd.pending.discard(worker)
+        w = self.workers[worker]
+        w.last_round, w.epsilon, w.no_dp, w.declined = rnd.number, claim.epsilon, claim.no_dp, ""
+        log.info("update added", round=rnd.number, worker=worker, samples=claim.num_samples,
+                 epsilon=claim.epsilon, bytes=len(payload))
+        self._maybe_close(rnd)
+
+    def decline(self, worker: str, round_: int, reason: str) -> None:
+        self.worker(worker)
+        rnd = self._open(round_, worker)
+        reason = reason.strip()[:500] or "no reason given"
+        rnd.declined[worker] = reason
+        rnd.pending.discard(worker)
+        self.workers[worker].declined = f"round {round_}: {reason}"
+        log.info("round declined", round=round_, worker=worker, reason=reason)
+        self._maybe_close(rnd)
+
+    def _maybe_close(self, rnd: Round) -> None:
+        if rnd.state == "open" and not rnd.pending and not rnd.receiving:
+            self._close(rnd, deadline=False)
+
+    def _deadline(self, round_: int) -> None:
+        rnd = self.rounds.get(round_)
+        if rnd is not None and rnd.state == "open":
+            self._close(rnd, deadline=True)
+
+    def _close(self, rnd: Round, *, deadline: bool) -> None:
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        rnd.seconds = time.monotonic() - rnd.started
+        n = len(rnd.submissions)
+        how = "at the deadline" if deadline else "all connected eligible workers answered"
+        if n >= self.settings.min_workers and rnd.buffer is not None:
+            rnd.state, rnd.reason = "aggregated", f"{n} update(s), closed {how}"
+            for old in self.store.put(rnd.number, rnd.buffer):
+                self.rounds[old].state = "evicted"
+        else:
+            rnd.state = "failed"
+            rnd.reason = f"{n} update(s) {how}; at least {self.settings.min_workers} needed (--min-workers)"
+            if rnd.buffer is not None:
+                rnd.buffer.close()
+        rnd.buffer = None if rnd.state == "failed" else rnd.buffer
+        rnd.receiving.clear()
+        log.info("round closed", round=rnd.number, state=rnd.state, reason=rnd.reason,
+                 participants=sorted(rnd.submissions), seconds=round(rnd.seconds, 2))
+        self._broadcast(rnd.closed_event())
+
+    def finish(self) -> int:
+        """End the federation: close an open round first, then tell every watcher."""
+        rnd = self.open_round
+        if rnd is not None:
+            self._close(rnd, deadline=True)
+        self.finished = True
+        self._broadcast(FinishedEvent(self.last_round))
+        log.info("federation finished", last_round=self.last_round)
+        return self.last_round
+
+    # ---- patches ----------------------------------------------------------------------------------
+
+    def patch(self, round_: int) -> Patch:
+        round_ = round_ or self.latest_patch_round
+        rnd = self.rounds.get(round_)
+        if rnd is None or round_ == 0:
+            raise NotFound(f"no aggregate for round {round_} (newest: {self.latest_patch_round or 'none'})")
+        if rnd.state == "open":
+            raise FailedPrecondition(f"round {round_} is still open")
+        buf = self.store.get(round_)
+        if rnd.state != "aggregated" or buf is None or rnd.layout is None:
+            detail = f"it was evicted (the last {self.store.keep} are kept)" if rnd.state == "evicted" else rnd.reason
+            raise NotFound(f"no aggregate for round {round_}: {detail}")
+        return Patch(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf.read(),
+                     self.key_check_value, rnd.restored)
+
+    def begin_restore(self, worker: str, claim: UpdateClaim) -> TensorLayout:
+        """A worker offers the global adapter of a round after a restart left this coordinator empty."""
+        self.worker(worker)
+        if self.store.rounds() or self.rounds:
+            raise FailedPrecondition(f"this coordinator already holds rounds (newest {self.current_round}): "
+                                     "restoring is only for a fresh coordinator")
+        if claim.round < 1:
+            raise InvalidArgument("a restored aggregate belongs to a round >= 1")
+        return self._check_claim(claim, f"restore by {worker!r}")
+
+    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes) -> None:
+        if self.store.rounds() or self.rounds:
+            raise FailedPrecondition("another worker restored this coordinator first")
+        buf = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
+        buf.add(payload)
+        rnd = Round(claim.round, None, int(self._clock() * 1000), (worker,), 0, state="aggregated",
+                    reason=f"restored by {worker}", layout=layout, buffer=buf, restored=True)
+        rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
+                                                  claim.nonce)
+        self.rounds[claim.round] = rnd
+        self.store.put(claim.round, buf)
+        log.info("aggregate restored", round=claim.round, worker=worker, bytes=len(payload))
+
+    def close(self) -> None:
+        for rnd in self.rounds.values():
+            if rnd.timer is not None:
+                rnd.timer.cancel()
+            if rnd.buffer is not None:
+                rnd.buffer.close()
+        self.store.close()

@@ -13,17 +13,15 @@ import structlog
 from common.chunks import Assembler, split
 from common.errors import FailedPrecondition, FedfheError, InvalidArgument, NotFound, ResourceExhausted
 from common.lwe import wire
-from common.lwe.params import LweParams, ParameterError, by_name
+from common.lwe.params import LweParams
 from common.lwe.prg import SEED_BYTES
+from common.messages import key_from_proto, key_to_proto, params_from_proto
 from common.rpc import abort_with
 from common.stages import Direction, NodeWeights, Stage, WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 
 log = structlog.get_logger("fedfhe.fhe_server")
 
-# The one mapping between parameter-set names (common.lwe.params) and fedfhe.v1.ParamSet values.
-PARAM_SET_VALUES = {"exact": common_pb2.PARAM_SET_EXACT, "compact": common_pb2.PARAM_SET_COMPACT}
-_PARAMS = {value: name for name, value in PARAM_SET_VALUES.items()}
 
 
 @dataclass(frozen=True)
@@ -32,23 +30,6 @@ class Limits:
     chunk_bytes: int = 1 << 20  # < the 16 MiB message limit
     max_ciphertext_bytes: int = 256 << 20
     max_sessions: int = 64
-
-
-def params_from_proto(value: int) -> LweParams:
-    if value not in _PARAMS:
-        raise InvalidArgument(f"unknown parameter set {value}; use PARAM_SET_EXACT or PARAM_SET_COMPACT")
-    try:
-        return by_name(_PARAMS[value])
-    except ParameterError as exc:
-        raise InvalidArgument(str(exc)) from None
-
-
-def key_from_proto(k: fhe_pb2.WeightKey) -> WeightKey:
-    if k.stage not in Stage._value2member_map_:
-        raise InvalidArgument(f"unknown stage {k.stage}: expected QKV, O, GATE_UP or DOWN")
-    if k.direction not in Direction._value2member_map_:
-        raise InvalidArgument(f"unknown direction {k.direction}: expected FORWARD or BACKWARD")
-    return WeightKey(k.layer, Stage(k.stage), Direction(k.direction))
 
 
 def check_seed(seed: bytes) -> bytes:
@@ -205,7 +186,7 @@ class FheServicer(fhe_pb2_grpc.FheServiceServicer):
             plan = self.weights.plan(params, key)
             scales = self.weights.row_scales(key) if key.direction == Direction.FORWARD else b""
             yield fhe_pb2.GetHintResponse(header=fhe_pb2.HintHeader(
-                key=fhe_pb2.WeightKey(layer=key.layer, stage=int(key.stage), direction=int(key.direction)),
+                key=key_to_proto(key),
                 rows=plan.d_out, cols=plan.d_in, act_bits=plan.act_bits, delta_bits=plan.delta_bits,
                 row_scales=scales.astype("<f4").tobytes() if len(scales) else b""))
             for i, n, piece in split(wire.encode(wire.Kind.HINT, h), self.limits.chunk_bytes):

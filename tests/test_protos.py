@@ -42,7 +42,11 @@ def test_service_surface() -> None:
         "WatchRounds": (False, True),
         "GetPatch": (False, True),
         "SubmitUpdate": (True, False),
+        "DeclineRound": (False, False),
         "GetStatus": (False, False),
+        "StartRound": (False, False),
+        "FinishFederation": (False, False),
+        "RestorePatch": (True, False),
     }
 
 

@@ -1,53 +1,44 @@
-"""fedfhe-worker: a hospital's worker. `generate` runs the split model on a prompt (encrypted by default).
+"""fedfhe-worker: a hospital's worker. `join` takes part in a federation; `generate` runs the split model.
 
+    fedfhe-worker join --coordinator HOST:PORT --fhe HOST:PORT --tls-dir DIR --identity hospital-1 \\
+        --data notes.jsonl --eval-data held_out.jsonl --consortium-key consortium.key [--epsilon 8]
     fedfhe-worker generate --fhe 127.0.0.1:50051 --insecure --model smollm2-135m --prompt "..."
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import grpc
 import structlog
 import torch
 
-from common.config import ChannelConfig, LogConfig, add_arguments, from_namespace, opt
+from common.config import ConfigError, add_arguments, from_namespace
+from common.errors import FedfheError
 from common.logs import configure_logging
-from common.lwe.params import PARAM_SETS, by_name
-from common.models import MODEL_IDS
+from common.lwe.params import by_name
+from common.updates import load_key_file
+from worker.config import JoinConfig, WorkerConfig
+from worker.data import NotesFormatError
+from worker.federation import FederatedWorker, load_records
 from worker.model import generate
-from worker.runtime import MODES, build, tokenizer
+from worker.runtime import build, tokenizer
+
+TOKENIZE_MAX = 4096  # notes are cut to the round's max_seq_len at batch time
 
 
-@dataclass(frozen=True)
-class WorkerConfig(ChannelConfig, LogConfig):
-    fhe: str = opt("", help="FHE node address HOST:PORT (compute mode fhe)")
-    mode: str = opt("fhe", help="compute mode: fhe (encrypted), local (same arithmetic, own CPU), float",
-                    choices=list(MODES))
-    model: str = opt("tiny", help="base model", choices=list(MODEL_IDS))
-    param_set: str = opt("exact", help="LWE parameter set", choices=sorted(PARAM_SETS))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfhe-worker", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="greedy generation with the split model")
-    add_arguments(gen, WorkerConfig)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=20)
-    args = parser.parse_args(argv)
-    cfg = from_namespace(WorkerConfig, args)
-    configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
+def run_generate(cfg: WorkerConfig, prompt: str, max_new_tokens: int) -> int:
     log = structlog.get_logger("fedfhe.worker")
     runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), fhe_target=cfg.fhe, channel=cfg)
     try:
         tok = tokenizer(cfg.model)
-        ids = torch.tensor([tok.encode(args.prompt)])
+        ids = torch.tensor([tok.encode(prompt)])
         start = time.perf_counter()
-        out = generate(runtime.model, ids, args.max_new_tokens, eos_id=tok.eos_token_id)
+        out = generate(runtime.model, ids, max_new_tokens, eos_id=tok.eos_token_id)
         seconds = time.perf_counter() - start
         new = out[ids.shape[1]:]
         log.info("generated", mode=cfg.mode, tokens=len(new), seconds=round(seconds, 2),
@@ -56,6 +47,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def run_join(cfg: JoinConfig) -> int:
+    assert cfg.consortium_key is not None
+    key = load_key_file(cfg.consortium_key)
+    tok = tokenizer(cfg.model)
+    train = load_records(cfg.data, tok, TOKENIZE_MAX)
+    held_out = load_records(cfg.eval_data, tok, TOKENIZE_MAX, limit=cfg.eval_records or None)
+    pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
+    worker = FederatedWorker(cfg, key, train, held_out, pad_id=int(pad))
+    try:
+        return asyncio.run(worker.run())
+    finally:
+        worker.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedfhe-worker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="take part in a federation until the operator finishes it")
+    add_arguments(join, JoinConfig)
+    gen = sub.add_parser("generate", help="greedy generation with the split model")
+    add_arguments(gen, WorkerConfig)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    args = parser.parse_args(argv)
+    try:
+        cfg = from_namespace(JoinConfig if args.command == "join" else WorkerConfig, args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
+    log = structlog.get_logger("fedfhe.worker")
+    try:
+        if isinstance(cfg, JoinConfig):
+            return run_join(cfg)
+        return run_generate(cfg, args.prompt, args.max_new_tokens)
+    except (FedfheError, NotesFormatError) as exc:
+        log.error("worker stopped", error=str(exc))
+        print(f"fedfhe-worker: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        log.error("worker stopped", code=exc.code().name, error=exc.details())
+        print(f"fedfhe-worker: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

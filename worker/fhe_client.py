@@ -22,17 +22,13 @@ from common.errors import FailedPrecondition
 from common.lwe import wire
 from common.lwe.params import LweParams
 from common.lwe.prg import new_seed
+from common.messages import PARAM_SET_VALUES, key_to_proto
 from common.rpc import make_channel
 from common.stages import WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
-from fhe_server.service import PARAM_SET_VALUES
 from worker.linears import StageMeta
 
 T = TypeVar("T")
-
-
-def _pb_key(key: WeightKey) -> fhe_pb2.WeightKey:
-    return fhe_pb2.WeightKey(layer=key.layer, stage=int(key.stage), direction=int(key.direction))
 
 
 class FheClient:
@@ -102,7 +98,7 @@ class FheClient:
         self.bytes_up += len(data)
         for i, n, piece in split(data, self.chunk_bytes):
             await self._outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
-                request_id=rid, key=_pb_key(key), ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
+                request_id=rid, key=key_to_proto(key), ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
         return await fut
 
     def evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
@@ -112,7 +108,7 @@ class FheClient:
     async def _fetch_hints(self, keys: list[WeightKey]) -> None:
         header, asm = None, None
         request = fhe_pb2.GetHintRequest(seed=self.seed, param_set=PARAM_SET_VALUES[self.params.name],
-                                         model_id=self.model_id, keys=[_pb_key(k) for k in keys])
+                                         model_id=self.model_id, keys=[key_to_proto(k) for k in keys])
         async for resp in self._stub.GetHint(request):
             if resp.WhichOneof("kind") == "header":
                 header, asm = resp.header, Assembler(self.max_result_bytes)

@@ -200,6 +200,19 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def per_sequence_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each sequence over its own non-padding targets.
+
+    Each row depends on that sequence alone, which DP-SGD's per-sample clipping needs.
+    """
+    B, T, V = logits.shape
+    targets = input_ids[:, 1:].clone()
+    valid = attention_mask[:, 1:].bool()
+    targets[~valid] = 0
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T - 1)
+    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def generate(model: SplitLlama, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
     """Greedy decoding of one sequence (recomputes the prefix each step: no KV cache)."""

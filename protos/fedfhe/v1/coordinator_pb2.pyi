@@ -1,5 +1,6 @@
 from fedfhe.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,26 +8,41 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RoundOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_OUTCOME_UNSPECIFIED: _ClassVar[RoundOutcome]
+    ROUND_OUTCOME_AGGREGATED: _ClassVar[RoundOutcome]
+    ROUND_OUTCOME_FAILED: _ClassVar[RoundOutcome]
+ROUND_OUTCOME_UNSPECIFIED: RoundOutcome
+ROUND_OUTCOME_AGGREGATED: RoundOutcome
+ROUND_OUTCOME_FAILED: RoundOutcome
+
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_name", "num_records")
+    __slots__ = ("worker_name", "num_records", "key_check_value", "no_dp")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NO_DP_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     num_records: int
-    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ...) -> None: ...
+    key_check_value: bytes
+    no_dp: bool
+    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("worker_id", "federation_id", "key_check_value")
+    __slots__ = ("worker_id", "federation_id", "key_check_value", "latest_patch_round")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_PATCH_ROUND_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     federation_id: str
     key_check_value: bytes
-    def __init__(self, worker_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ...) -> None: ...
+    latest_patch_round: int
+    def __init__(self, worker_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., latest_patch_round: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "ffa", "lora_seed", "max_seq_len")
+    __slots__ = ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "ffa", "lora_seed", "max_seq_len", "total_rounds")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +52,7 @@ class RoundConfig(_message.Message):
     FFA_FIELD_NUMBER: _ClassVar[int]
     LORA_SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     learning_rate: float
@@ -45,37 +62,54 @@ class RoundConfig(_message.Message):
     ffa: bool
     lora_seed: int
     max_seq_len: int
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., ffa: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    total_rounds: int
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., ffa: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class RoundStarted(_message.Message):
-    __slots__ = ("round", "config", "deadline_unix_ms")
+    __slots__ = ("round", "config", "deadline_unix_ms", "base_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     config: RoundConfig
     deadline_unix_ms: int
-    def __init__(self, round: _Optional[int] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    base_round: int
+    def __init__(self, round: _Optional[int] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., base_round: _Optional[int] = ...) -> None: ...
 
 class Participant(_message.Message):
-    __slots__ = ("worker_id", "num_samples", "epsilon")
+    __slots__ = ("worker_id", "num_samples", "epsilon", "no_dp", "nonce")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    NO_DP_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_samples: int
     epsilon: float
-    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    no_dp: bool
+    nonce: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., epsilon: _Optional[float] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class RoundClosed(_message.Message):
-    __slots__ = ("round", "participants", "total_samples")
+    __slots__ = ("round", "participants", "total_samples", "outcome", "reason")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
     total_samples: int
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ...) -> None: ...
+    outcome: RoundOutcome
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ..., outcome: _Optional[_Union[RoundOutcome, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FederationFinished(_message.Message):
+    __slots__ = ("last_round",)
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    last_round: int
+    def __init__(self, last_round: _Optional[int] = ...) -> None: ...
 
 class WatchRoundsRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -84,12 +118,14 @@ class WatchRoundsRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class WatchRoundsResponse(_message.Message):
-    __slots__ = ("started", "closed")
+    __slots__ = ("started", "closed", "finished")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     started: RoundStarted
     closed: RoundClosed
-    def __init__(self, started: _Optional[_Union[RoundStarted, _Mapping]] = ..., closed: _Optional[_Union[RoundClosed, _Mapping]] = ...) -> None: ...
+    finished: FederationFinished
+    def __init__(self, started: _Optional[_Union[RoundStarted, _Mapping]] = ..., closed: _Optional[_Union[RoundClosed, _Mapping]] = ..., finished: _Optional[_Union[FederationFinished, _Mapping]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape")
@@ -106,18 +142,26 @@ class GetPatchRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class PatchHeader(_message.Message):
-    __slots__ = ("round", "participants", "total_samples", "tensors", "size_bytes")
+    __slots__ = ("round", "participants", "total_samples", "tensors", "size_bytes", "federation_id", "key_check_value", "digest", "restored")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
     total_samples: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     size_bytes: int
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    federation_id: str
+    key_check_value: bytes
+    digest: bytes
+    restored: bool
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., federation_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., restored: _Optional[bool] = ...) -> None: ...
 
 class GetPatchResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -128,20 +172,28 @@ class GetPatchResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PatchHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "epsilon_spent", "tensors", "size_bytes", "digest")
+    __slots__ = ("round", "num_samples", "epsilon_spent", "tensors", "size_bytes", "digest", "worker_id", "key_check_value", "no_dp", "nonce")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NO_DP_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     epsilon_spent: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     size_bytes: int
     digest: bytes
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    worker_id: str
+    key_check_value: bytes
+    no_dp: bool
+    nonce: bytes
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -159,44 +211,144 @@ class SubmitUpdateResponse(_message.Message):
     accepted: bool
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
+class DeclineRoundRequest(_message.Message):
+    __slots__ = ("round", "reason", "worker_id")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    worker_id: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class DeclineRoundResponse(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class StartRoundRequest(_message.Message):
+    __slots__ = ("config", "deadline_seconds")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    config: RoundConfig
+    deadline_seconds: float
+    def __init__(self, config: _Optional[_Union[RoundConfig, _Mapping]] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+
+class StartRoundResponse(_message.Message):
+    __slots__ = ("round", "deadline_unix_ms", "eligible")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    deadline_unix_ms: int
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., eligible: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FinishFederationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FinishFederationResponse(_message.Message):
+    __slots__ = ("last_round",)
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    last_round: int
+    def __init__(self, last_round: _Optional[int] = ...) -> None: ...
+
+class RestoreHeader(_message.Message):
+    __slots__ = ("round", "tensors", "size_bytes", "digest", "key_check_value", "worker_id", "nonce")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    size_bytes: int
+    digest: bytes
+    key_check_value: bytes
+    worker_id: str
+    nonce: bytes
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., key_check_value: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class RestorePatchRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RestoreHeader
+    chunk: _common_pb2.Chunk
+    def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class RestorePatchResponse(_message.Message):
+    __slots__ = ("round", "accepted")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    accepted: bool
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "connected", "last_round", "epsilon")
+    __slots__ = ("worker_id", "connected", "last_round", "epsilon", "num_records", "no_dp", "declined")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NO_DP_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     connected: bool
     last_round: int
     epsilon: float
-    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    num_records: int
+    no_dp: bool
+    declined: str
+    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ..., num_records: _Optional[int] = ..., no_dp: _Optional[bool] = ..., declined: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "participants", "buffer_bytes")
+    __slots__ = ("round", "state", "participants", "buffer_bytes", "eligible", "reason", "seconds", "bytes_received")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
     buffer_bytes: int
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    seconds: float
+    bytes_received: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., buffer_bytes: _Optional[int] = ..., eligible: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., seconds: _Optional[float] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation_id", "current_round", "workers", "rounds", "buffer_bytes_total")
+    __slots__ = ("federation_id", "current_round", "workers", "rounds", "buffer_bytes_total", "min_workers", "keep_rounds", "buffers_locked", "finished")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_LOCKED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     current_round: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     buffer_bytes_total: int
-    def __init__(self, federation_id: _Optional[str] = ..., current_round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., buffer_bytes_total: _Optional[int] = ...) -> None: ...
+    min_workers: int
+    keep_rounds: int
+    buffers_locked: bool
+    finished: bool
+    def __init__(self, federation_id: _Optional[str] = ..., current_round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., buffer_bytes_total: _Optional[int] = ..., min_workers: _Optional[int] = ..., keep_rounds: _Optional[int] = ..., buffers_locked: _Optional[bool] = ..., finished: _Optional[bool] = ...) -> None: ...

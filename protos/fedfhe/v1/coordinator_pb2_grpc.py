@@ -28,6 +28,11 @@ if _version_not_supported:
 class CoordinatorServiceStub:
     """The coordinator: membership, rounds and encrypted aggregation. It sums
     ciphertexts it cannot read and keeps aggregates in memory-only buffers.
+
+    Callers are identified by their client certificate (CN = name, OU = role).
+    Workers register, watch rounds, submit or decline; operators start rounds
+    and finish the federation. Under --insecure (loopback only) the worker
+    name is taken from the request instead.
     """
 
     def __init__(self, channel):
@@ -56,41 +61,74 @@ class CoordinatorServiceStub:
                 request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.SubmitUpdateRequest.SerializeToString,
                 response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/DeclineRound',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/fedfhe.v1.CoordinatorService/GetStatus',
                 request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.StartRound = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/StartRound',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.StartRoundRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.StartRoundResponse.FromString,
+                _registered_method=True)
+        self.FinishFederation = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/FinishFederation',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationResponse.FromString,
+                _registered_method=True)
+        self.RestorePatch = channel.stream_unary(
+                '/fedfhe.v1.CoordinatorService/RestorePatch',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.FromString,
                 _registered_method=True)
 
 
 class CoordinatorServiceServicer:
     """The coordinator: membership, rounds and encrypted aggregation. It sums
     ciphertexts it cannot read and keeps aggregates in memory-only buffers.
+
+    Callers are identified by their client certificate (CN = name, OU = role).
+    Workers register, watch rounds, submit or decline; operators start rounds
+    and finish the federation. Under --insecure (loopback only) the worker
+    name is taken from the request instead.
     """
 
     def Register(self, request, context):
-        """Enrolls the caller (identity from its client certificate).
+        """Enrolls the calling worker and checks its consortium key check value.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRounds(self, request, context):
-        """Server stream of round events for the caller.
+        """Server stream of round events. Open while the worker is connected: a
+        worker whose stream ends is no longer waited for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPatch(self, request, context):
-        """Streams the encrypted aggregate of a closed round.
+        """Streams the encrypted aggregate (global adapter) of a closed round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
-        """Client stream: one UpdateHeader, then encrypted delta chunks.
+        """Client stream: one UpdateHeader, then encrypted update chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineRound(self, request, context):
+        """A worker says it will not take part in a round, and why (e.g. DP budget).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +136,28 @@ class CoordinatorServiceServicer:
 
     def GetStatus(self, request, context):
         """Federation, rounds, workers and buffer sizes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRound(self, request, context):
+        """Operator: opens the next round for the connected workers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishFederation(self, request, context):
+        """Operator: ends the federation; every watch stream ends after a final event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestorePatch(self, request_iterator, context):
+        """A worker re-seeds a restarted coordinator with the last global adapter it
+        holds, encrypted again under the consortium key (client stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,10 +186,30 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.SubmitUpdateRequest.FromString,
                     response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.SerializeToString,
             ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundResponse.SerializeToString,
+            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.GetStatusRequest.FromString,
                     response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'StartRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRound,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.StartRoundRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.StartRoundResponse.SerializeToString,
+            ),
+            'FinishFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishFederation,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationResponse.SerializeToString,
+            ),
+            'RestorePatch': grpc.stream_unary_rpc_method_handler(
+                    servicer.RestorePatch,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +222,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
 class CoordinatorService:
     """The coordinator: membership, rounds and encrypted aggregation. It sums
     ciphertexts it cannot read and keeps aggregates in memory-only buffers.
+
+    Callers are identified by their client certificate (CN = name, OU = role).
+    Workers register, watch rounds, submit or decline; operators start rounds
+    and finish the federation. Under --insecure (loopback only) the worker
+    name is taken from the request instead.
     """
 
     @staticmethod
@@ -253,6 +338,33 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/DeclineRound',
+            fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.DeclineRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetStatus(request,
             target,
             options=(),
@@ -269,6 +381,87 @@ class CoordinatorService:
             '/fedfhe.v1.CoordinatorService/GetStatus',
             fedfhe_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
             fedfhe_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/StartRound',
+            fedfhe_dot_v1_dot_coordinator__pb2.StartRoundRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.StartRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/FinishFederation',
+            fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.FinishFederationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestorePatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedfhe.v1.CoordinatorService/RestorePatch',
+            fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""The worker's configuration: flags and FEDFHE_* environment variables (common.config), validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ChannelConfig, ConfigError, LogConfig, opt
+from common.lwe.params import PARAM_SETS
+from common.models import MODEL_IDS
+from worker.runtime import MODES
+from worker.train import ACCOUNTANTS, DpSettings
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ChannelConfig, LogConfig):
+    fhe: str = opt("", help="FHE node address HOST:PORT (compute mode fhe)")
+    mode: str = opt("fhe", help="compute mode: fhe (encrypted), local (same arithmetic, own CPU), float",
+                    choices=list(MODES))
+    model: str = opt("tiny", help="base model", choices=list(MODEL_IDS))
+    param_set: str = opt("exact", help="LWE parameter set", choices=sorted(PARAM_SETS))
+
+    def validate(self) -> None:
+        if self.mode == "fhe" and not self.fhe:
+            raise ConfigError("--mode fhe needs the FHE node's address: --fhe HOST:PORT")
+
+
+@dataclass(frozen=True)
+class JoinConfig(WorkerConfig):
+    coordinator: str = opt("", help="coordinator address HOST:PORT")
+    data: Path | None = opt(None, help="this hospital's training notes (JSONL or CSV with a text column)")
+    eval_data: Path | None = opt(None, help="held-out notes to evaluate each round's global adapter on")
+    eval_records: int = opt(32, help="evaluate on at most this many held-out notes")
+    consortium_key: Path | None = opt(None, help="the consortium update key file (0600; made by fedfhe-keygen)")
+    epsilon: float = opt(8.0, help="this hospital's DP budget epsilon over the whole federation")
+    delta: float = opt(0.0, help="DP delta (0: 1/(10·N) for N training records)")
+    no_dp: bool = opt(False, help="train WITHOUT differential privacy (comparison runs only; shown everywhere)")
+    max_grad_norm: float = opt(1.0, help="DP-SGD per-sample clipping norm C")
+    noise_multiplier: float = opt(0.0, help="DP-SGD noise multiplier sigma (0: calibrated to spend --epsilon "
+                                            "over the federation's planned rounds)")
+    accountant: str = opt("rdp", help="privacy accountant", choices=list(ACCOUNTANTS))
+    metrics_file: Path | None = opt(None, help="append one JSON line per round event (losses, epsilon, bytes)")
+    reconnect_seconds: float = opt(120.0, help="keep retrying an unreachable coordinator this long")
+    progress: bool = opt(False, help="show progress bars for local steps and hint downloads")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.coordinator:
+            raise ConfigError("--coordinator HOST:PORT is required")
+        if self.data is None or self.consortium_key is None:
+            raise ConfigError("--data and --consortium-key are required")
+        if self.eval_records < 0 or self.reconnect_seconds < 0:
+            raise ConfigError("--eval-records and --reconnect-seconds must be >= 0")
+        try:
+            self.dp_settings()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def dp_settings(self) -> DpSettings:
+        return DpSettings(enabled=not self.no_dp, epsilon=self.epsilon, delta=self.delta or None,
+                          max_grad_norm=self.max_grad_norm, noise_multiplier=self.noise_multiplier or None,
+                          accountant=self.accountant).validate()

@@ -1,0 +1,330 @@
+"""A hospital's round loop: watch rounds → fetch and verify the global adapter → train → encrypt → submit.
+
+The global adapter exists in plaintext only in this process's memory: it
+arrives as an encrypted aggregate, is verified and decrypted with the
+consortium key in RAM, and is applied only when every check passed (a wrong
+key or a tampered aggregate leaves the current adapter untouched). Local
+training runs in a thread so the gRPC streams stay serviced.
+
+If the coordinator restarts (its patch buffers are memory-only and gone), the
+worker reconnects and, holding the last global adapter, re-encrypts it under
+a fresh nonce and restores it (RestorePatch), so the federation resumes
+from the same round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import structlog
+import torch
+
+from common.chunks import Assembler, split
+from common.errors import FailedPrecondition
+from common.lwe.params import by_name
+from common.messages import TrainingConfig, config_from_proto, contributions, layout_from_proto, layout_to_proto
+from common.rpc import make_channel
+from common.updates import ConsortiumKey, UpdateCryptoError, decrypt_aggregate, encrypt_update
+from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from worker.config import JoinConfig
+from worker.lora import load_lora_state_dict, lora_state_dict
+from worker.model import LoraConfig
+from worker.runtime import Runtime, build
+from worker.train import RoundResult, Trainer, evaluate
+
+log = structlog.get_logger("fedfhe.worker")
+CHUNK_BYTES = 1 << 20
+SKETCH_COLS = 16  # random projection width for measuring full-LoRA aggregation error
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def lora_config(cfg: TrainingConfig) -> LoraConfig:
+    return LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, ffa=cfg.ffa,
+                      seed=cfg.lora_seed)
+
+
+def sketches(runtime: Runtime, seed: int) -> dict[str, np.ndarray]:
+    """(α/r)·B·A·R for every LoRA module, R (d_in × 16) Gaussian from the public seed: a JL sketch of B·A."""
+    out = {}
+    gen = torch.Generator().manual_seed(seed + 7919)
+    for name, mod in runtime.model.named_modules():
+        if hasattr(mod, "lora_a") and hasattr(mod, "lora_b"):
+            r = torch.randn(mod.lora_a.in_features, SKETCH_COLS, generator=gen) / math.sqrt(SKETCH_COLS)
+            with torch.no_grad():
+                out[f"sketch.{name}"] = (mod.scale * mod.lora_b.weight @ (mod.lora_a.weight @ r)).numpy()
+    return out
+
+
+def aggregation_error(runtime: Runtime, mean_sketch: dict[str, np.ndarray], seed: int) -> float:
+    """‖mean(B)·mean(A)·R − mean(B·A)·R‖ / ‖mean(B·A)·R‖: what averaging A and B apart costs (full LoRA)."""
+    ours = sketches(runtime, seed)
+    num = sum(float(np.sum((ours[k].astype(np.float64) - mean_sketch[k]) ** 2)) for k in mean_sketch)
+    den = sum(float(np.sum(mean_sketch[k].astype(np.float64) ** 2)) for k in mean_sketch)
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+@dataclass
+class Patch:
+    header: coordinator_pb2.PatchHeader
+    payload: bytes
+
+
+class FederatedWorker:
+    """One hospital in the federation. `run()` returns when the operator finishes the federation."""
+
+    def __init__(self, cfg: JoinConfig, key: ConsortiumKey, train: Sequence[Sequence[int]],
+                 held_out: Sequence[Sequence[int]], *, pad_id: int = 0,
+                 runtime_factory: Callable[..., Runtime] = build) -> None:
+        self.cfg, self.key = cfg, key
+        self.train_records, self.held_out, self.pad_id = list(train), list(held_out), pad_id
+        self.runtime_factory = runtime_factory
+        self.runtime: Runtime | None = None
+        self.trainer: Trainer | None = None
+        self.lora: LoraConfig | None = None
+        self.worker_id = cfg.identity or "worker"
+        self.federation_id = ""
+        self.applied_round = 0  # the round whose aggregate is the current global adapter (0: initial)
+        self.global_state: dict[str, torch.Tensor] | None = None
+        self.dp = cfg.dp_settings()
+        self.metrics_path = cfg.metrics_file
+        self.baseline_done = False
+        self.round_cfg: TrainingConfig | None = None  # the newest round's settings
+        self.last_contact = time.monotonic()
+
+    # ---- metrics ----------------------------------------------------------------------------------
+
+    def metric(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "worker": self.worker_id, "time": time.time(), **fields}
+        log.info(event, **{k: v for k, v in fields.items() if k != "time"})
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    # ---- model ------------------------------------------------------------------------------------
+
+    def ensure_model(self, cfg: TrainingConfig) -> Runtime:
+        """Build the split model for the round's LoRA settings (once; a later change is refused)."""
+        lora = lora_config(cfg)
+        if self.runtime is not None:
+            if lora != self.lora:
+                raise FailedPrecondition(f"the federation changed its LoRA settings mid-run ({self.lora} → {lora})")
+            return self.runtime
+        self.runtime = self.runtime_factory(self.cfg.mode, self.cfg.model, by_name(self.cfg.param_set), lora,
+                                            fhe_target=self.cfg.fhe, channel=self.cfg)
+        self.lora = lora
+        self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id)
+        self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
+        return self.runtime
+
+    def evaluate(self, round_: int, cfg: TrainingConfig) -> None:
+        if not self.held_out or self.runtime is None:
+            return
+        start = time.perf_counter()
+        loss = evaluate(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
+        self.metric("evaluated", round=round_, eval_loss=loss, records=len(self.held_out),
+                    seconds=round(time.perf_counter() - start, 3))
+
+    # ---- patches ----------------------------------------------------------------------------------
+
+    async def fetch_patch(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int) -> Patch:
+        header, asm = None, None
+        async for msg in stub.GetPatch(coordinator_pb2.GetPatchRequest(round=round_)):
+            if msg.WhichOneof("kind") == "header":
+                header = msg.header
+                asm = Assembler(header.size_bytes)
+            elif asm is not None:
+                asm.add(msg.chunk.index, msg.chunk.count, msg.chunk.data)
+        if header is None or asm is None:
+            raise FailedPrecondition(f"the coordinator sent no patch header for round {round_}")
+        return Patch(header, asm.payload())
+
+    def open_patch(self, patch: Patch) -> dict[str, np.ndarray]:
+        """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state."""
+        h = patch.header
+        if h.federation_id != self.federation_id:
+            raise FailedPrecondition(f"patch of federation {h.federation_id!r}, this worker is in "
+                                     f"{self.federation_id!r}")
+        return decrypt_aggregate(self.key, self.federation_id, h.round, contributions(h.participants),
+                                 h.total_samples, layout_from_proto(h.tensors), patch.payload, h.key_check_value)
+
+    def apply_patch(self, patch: Patch) -> dict[str, np.ndarray]:
+        """Decrypt, verify, then load the global adapter; on any error the current adapter is left as it was."""
+        mean = self.open_patch(patch)
+        assert self.runtime is not None
+        state = {k: torch.from_numpy(v) for k, v in mean.items() if not k.startswith("sketch.")}
+        load_lora_state_dict(self.runtime.model, state)  # strict: checks every name and shape before copying
+        self.global_state = lora_state_dict(self.runtime.model)
+        self.applied_round = patch.header.round
+        return mean
+
+    async def sync(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int,
+                   cfg: TrainingConfig) -> None:
+        """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, evaluate)."""
+        if round_ == 0 or round_ == self.applied_round:
+            return
+        await asyncio.to_thread(self.ensure_model, cfg)
+        patch = await self.fetch_patch(stub, round_)
+        try:
+            mean = await asyncio.to_thread(self.apply_patch, patch)
+        except UpdateCryptoError as exc:
+            self.metric("patch_rejected", round=round_, error=str(exc))
+            raise
+        fields: dict[str, Any] = {"participants": [p.worker_id for p in patch.header.participants],
+                                  "restored": patch.header.restored}
+        if not cfg.ffa and any(k.startswith("sketch.") for k in mean):
+            assert self.runtime is not None
+            fields["lora_aggregation_error"] = aggregation_error(
+                self.runtime, {k: v for k, v in mean.items() if k.startswith("sketch.")}, cfg.lora_seed)
+        self.metric("applied", round=round_, **fields)
+        await asyncio.to_thread(self.evaluate, round_, cfg)
+
+    # ---- rounds -----------------------------------------------------------------------------------
+
+    async def _submit(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int, result: RoundResult,
+                      cfg: TrainingConfig) -> int:
+        assert self.runtime is not None
+        tensors = {k: v.numpy() for k, v in lora_state_dict(self.runtime.model).items()}
+        if not cfg.ffa:
+            tensors.update(sketches(self.runtime, cfg.lora_seed))
+        enc = encrypt_update(self.key, self.federation_id, round_, self.worker_id, tensors, result.num_samples)
+        header = coordinator_pb2.UpdateHeader(
+            round=round_, num_samples=result.num_samples, epsilon_spent=result.epsilon,
+            tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload), digest=enc.digest,
+            worker_id=self.worker_id, key_check_value=self.key.check_value(), no_dp=not self.dp.enabled,
+            nonce=enc.nonce)
+
+        async def requests() -> AsyncIterator[coordinator_pb2.SubmitUpdateRequest]:
+            yield coordinator_pb2.SubmitUpdateRequest(header=header)
+            for i, n, piece in split(enc.payload, CHUNK_BYTES):
+                yield coordinator_pb2.SubmitUpdateRequest(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
+
+        await stub.SubmitUpdate(requests(), timeout=max(60.0, len(enc.payload) / 1e6))
+        return len(enc.payload)
+
+    async def on_started(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+                         started: coordinator_pb2.RoundStarted) -> None:
+        r = started.round
+        cfg = self.round_cfg = config_from_proto(started.config)
+        runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
+        assert self.trainer is not None and self.global_state is not None
+        await self.sync(stub, started.base_round, cfg)
+        load_lora_state_dict(runtime.model, self.global_state)  # a failed round's local training is dropped
+        if not self.baseline_done and self.applied_round == 0:
+            self.baseline_done = True
+            await asyncio.to_thread(self.evaluate, 0, cfg)
+        why = self.trainer.refusal(cfg)
+        if why is not None:
+            await stub.DeclineRound(coordinator_pb2.DeclineRoundRequest(round=r, reason=why,
+                                                                        worker_id=self.worker_id))
+            self.metric("declined", round=r, reason=why, epsilon=self.trainer.epsilon)
+            return
+        fhe_before = runtime.client.bytes_up if runtime.client else 0
+        result = await asyncio.to_thread(self.trainer.train_round, cfg)
+        fhe_up = (runtime.client.bytes_up if runtime.client else 0) - fhe_before
+        fields = {"round": r, "train_loss": result.train_loss, "epsilon": result.epsilon, "no_dp": not self.dp.enabled,
+                  "noise_multiplier": self.trainer.noise_multiplier, "delta": self.trainer.delta,
+                  "steps": result.steps, "sampled": result.sampled, "num_samples": result.num_samples,
+                  "train_seconds": round(result.seconds, 3), "fhe_bytes_up": fhe_up, "mode": self.cfg.mode}
+        try:
+            sent = await self._submit(stub, r, result, cfg)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self.metric("refused", **fields, reason=exc.details())  # late: it catches up next round
+            return
+        self.metric("submitted", **fields, update_bytes=sent, bytes_up=sent + fhe_up)
+
+    async def restore(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+        """Re-seed a coordinator that lost its buffers with the global adapter this worker holds."""
+        assert self.global_state is not None
+        enc = encrypt_update(self.key, self.federation_id, self.applied_round, self.worker_id,
+                             {k: v.numpy() for k, v in self.global_state.items()}, 1)
+        header = coordinator_pb2.RestoreHeader(
+            round=self.applied_round, tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload),
+            digest=enc.digest, key_check_value=self.key.check_value(), worker_id=self.worker_id, nonce=enc.nonce)
+
+        async def requests() -> AsyncIterator[coordinator_pb2.RestorePatchRequest]:
+            yield coordinator_pb2.RestorePatchRequest(header=header)
+            for i, n, piece in split(enc.payload, CHUNK_BYTES):
+                yield coordinator_pb2.RestorePatchRequest(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
+
+        try:
+            await stub.RestorePatch(requests())
+            self.metric("restored", round=self.applied_round)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # someone else restored it first
+                raise
+            log.info("restore not needed", reason=exc.details())
+
+    async def session(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> bool:
+        """Register, catch up, follow the round events; True once the federation finished (False: stream ended)."""
+        reg = await stub.Register(coordinator_pb2.RegisterRequest(
+            worker_name=self.worker_id, num_records=len(self.train_records),
+            key_check_value=self.key.check_value(), no_dp=not self.dp.enabled))
+        if self.federation_id and reg.federation_id != self.federation_id:
+            raise FailedPrecondition(f"coordinator now serves federation {reg.federation_id!r}, "
+                                     f"not {self.federation_id!r}")
+        self.worker_id, self.federation_id = reg.worker_id, reg.federation_id
+        self.last_contact = time.monotonic()
+        log.info("registered", federation=reg.federation_id, latest_patch_round=reg.latest_patch_round)
+        if reg.latest_patch_round == 0 and self.applied_round > 0:
+            await self.restore(stub)
+        async for event in stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(worker_id=self.worker_id)):
+            self.last_contact = time.monotonic()
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                await self.on_started(stub, event.started)
+            elif kind == "closed":
+                closed = event.closed
+                self.metric("round_closed", round=closed.round, reason=closed.reason,
+                            aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
+                if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
+                    try:
+                        await self.sync(stub, closed.round, self.round_cfg)
+                    except UpdateCryptoError as exc:  # keep training from the adapter we trust
+                        log.error("aggregate rejected; current adapter kept", round=closed.round, error=str(exc))
+            elif kind == "finished":
+                self.metric("finished", last_round=event.finished.last_round,
+                            epsilon=self.trainer.epsilon if self.trainer else 0.0)
+                return True
+        return False
+
+    async def run(self) -> int:
+        """Follow the federation, reconnecting to a coordinator that went away, until it finishes."""
+        backoff = 0.5
+        while True:
+            try:
+                async with make_channel(self.cfg.coordinator, self.cfg) as channel:
+                    if await self.session(coordinator_pb2_grpc.CoordinatorServiceStub(channel)):
+                        return 0
+                log.warning("round stream ended without the federation finishing; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                silent = time.monotonic() - self.last_contact
+                if exc.code() not in RETRYABLE or silent > self.cfg.reconnect_seconds:
+                    raise
+                log.warning("coordinator unreachable; reconnecting", code=exc.code().name, backoff=backoff,
+                            silent_seconds=round(silent, 1))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+
+def load_records(path: Path | None, tokenizer: Any, max_len: int, limit: int | None = None) -> list[list[int]]:
+    from worker.data import load_notes, tokenize_notes
+
+    if path is None:
+        return []
+    notes = load_notes(path)
+    return [r for r in tokenize_notes(notes[:limit] if limit else notes, tokenizer, max_len) if len(r) >= 2]
