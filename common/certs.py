@@ -1,8 +1,11 @@
-"""fedfhe-certs: make a federation's CA, the service certificate and client certificates.
+"""fedfhe-certs and fedfhe-keygen: a federation's PKI, and the hospitals' consortium update key.
 
     fedfhe-certs DIR --workers hospital-1,hospital-2,hospital-3 [--hosts localhost,127.0.0.1]
+    fedfhe-keygen FILE
 
 Private keys are written 0600; nothing secret is ever taken from the command line.
+The consortium key is for the hospitals only: never copy it to the coordinator
+or the FHE node (they get its public check value, which fedfhe-keygen prints).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.tls import SERVER, TlsError, check_name, create_ca, issue
+from common.updates import ConsortiumKey, KeyFileError, write_key_file
 
 
 def make_federation_pki(directory: Path, workers: Sequence[str], hosts: Sequence[str],
@@ -47,6 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedfhe-certs: {exc}", file=sys.stderr)
         return 2
     print(f"wrote CA and {len(made)} certificates to {args.directory}")
+    return 0
+
+
+def keygen_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedfhe-keygen", description="make the consortium update key file (0600)")
+    parser.add_argument("file", type=Path, help="where to write the key (refuses to replace one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing key file")
+    args = parser.parse_args(argv)
+    key = ConsortiumKey.generate()
+    try:
+        write_key_file(args.file, key, force=args.force)
+    except KeyFileError as exc:
+        print(f"fedfhe-keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.file} (0600); public check value {key.check_value().hex()} "
+          f"(pass it to fedfhe-coordinator --key-check-value)")
     return 0
 
 

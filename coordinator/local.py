@@ -1,15 +1,20 @@
 """fedfhe-local: a whole federation on loopback, every party a separate process, mTLS throughout.
 
-Makes a run directory (PKI, one log file per service), starts the FHE node and
-the coordinator, waits for each to log its bound address, then runs one
-worker process per hospital against them. Federated rounds are added to this
-launcher by the federation issue; today each worker runs the encrypted model.
+Makes a run directory (PKI, the consortium key, synthetic hospital data, one
+log per service, one metrics file per worker), starts the FHE node and the
+coordinator, then one worker process per hospital, and drives the rounds as
+the federation's operator (StartRound, WatchRounds, FinishFederation over
+gRPC with the operator certificate). It prints one line per round and writes
+a JSON report (and a PNG plot beside it) with, per round, the participants,
+train and held-out losses, ε per worker, seconds and bytes sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,12 +22,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from common.certs import make_federation_pki
+from common.config import ChannelConfig
+from common.messages import TrainingConfig, config_to_proto
 from common.models import MODEL_IDS
+from common.rpc import make_channel
+from common.updates import ConsortiumKey, write_key_file
+from fedfhe.v1 import coordinator_pb2 as pb
+from fedfhe.v1 import coordinator_pb2_grpc
+from worker.data import generate_dataset
 
-READY_TIMEOUT_S = 600  # loading SmolLM2 and quantizing its weights takes a while on 2 cores
+READY_TIMEOUT_S = 900  # loading SmolLM2 and quantizing its weights takes a while on 2 cores
+
+# Per model: training settings that fit a 2-core CPU (every one can be overridden by a flag).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"local_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lora_rank": 8, "lora_alpha": 16.0,
+             "lora_targets": "q,v,o,gate,down", "max_seq_len": 64, "records": 160, "eval_records": 16,
+             "param_set": "exact", "modes": "fhe,local,local", "round_deadline": 300.0},
+    "smollm2-135m": {"local_steps": 3, "batch_size": 4, "learning_rate": 2e-3, "lora_rank": 8, "lora_alpha": 16.0,
+                     "lora_targets": "q,v", "max_seq_len": 48, "records": 40, "eval_records": 6,
+                     "param_set": "compact", "modes": "fhe,local", "round_deadline": 1200.0},
+}
 
 
 def _service(module: str, run_dir: Path, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
@@ -43,57 +69,363 @@ def wait_for_address(proc: subprocess.Popen, log_file: Path, timeout: float = RE
             for line in log_file.read_text().splitlines():
                 event = json.loads(line)
                 if event.get("event") == "serving":
-                    return str(event["address"])
+                    return str(event["address"]).replace("127.0.0.1", "localhost")  # the certificate's SAN
         time.sleep(0.2)
     raise TimeoutError(f"{log_file.stem} did not start serving within {timeout:.0f} s; see {log_file}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfhe-local", description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=3, help="number of hospitals")
-    parser.add_argument("--model", default="tiny", choices=MODEL_IDS)
-    parser.add_argument("--param-set", default="exact", choices=["exact", "compact"])
-    parser.add_argument("--run-dir", type=Path, help="keep everything here (default: a new temporary directory)")
-    parser.add_argument("--prompt", default="Patient admitted with chest pain. Diagnosis:")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fedfhe-run-"))
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    hospitals = [f"hospital-{i + 1}" for i in range(args.workers)]
-    make_federation_pki(run_dir / "pki", hospitals, ["localhost", "127.0.0.1"], force=True)
-    print(f"run directory: {run_dir}")
-    procs: list[subprocess.Popen] = []
+def stop(procs: Sequence[subprocess.Popen], grace: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+@dataclass
+class Hospital:
+    name: str
+    mode: str
+    cmd: list[str]
+    metrics: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def events(self, event: str, round_: int | None = None) -> list[dict[str, Any]]:
+        return [m for m in read_metrics(self.metrics)
+                if m["event"] == event and (round_ is None or m.get("round") == round_)]
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    run_dir: Path
+    hospitals: list[Hospital]
+    config: TrainingConfig
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def mean_eval(hospitals: Sequence[Hospital], round_: int) -> float | None:
+    """Held-out loss of round's global adapter, the mean over hospitals weighted by their held-out notes."""
+    pairs = []
+    for h in hospitals:
+        ev = h.events("evaluated", round_)
+        if ev:
+            pairs.append((ev[-1]["eval_loss"], ev[-1]["records"]))
+    if not pairs:
+        return None
+    return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
+
+
+def evaluated(hospitals: Sequence[Hospital], round_: int):  # type: ignore[no-untyped-def]
+    """A predicate: every live hospital has evaluated the round's global adapter."""
+    return lambda: all(h.events("evaluated", round_) or not h.alive for h in hospitals)
+
+
+async def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def drive(run: Run, coord_addr: str) -> None:
+    """The operator: wait for the workers, run the rounds, finish the federation."""
+    args = run.args
+    channel = make_channel(coord_addr, ChannelConfig(tls_dir=run.run_dir / "pki", identity="operator"))
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    names = [h.name for h in run.hospitals]
+    kill = dict(k.split("@") for k in args.kill_worker) if args.kill_worker else {}
+
+    async def connected() -> set[str]:
+        status = await stub.GetStatus(pb.GetStatusRequest())
+        return {w.worker_id for w in status.workers if w.connected}
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not set(names) <= await connected():
+        for h in run.hospitals:
+            if not h.alive:
+                raise RuntimeError(f"{h.name} exited with code {h.proc.returncode if h.proc else '?'}; "
+                                   f"see {run.run_dir / 'logs' / (h.name + '.log')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("workers did not connect")
+        await asyncio.sleep(0.3)
     try:
-        node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model)
-        coord, coord_log = _service("coordinator", run_dir, "coordinator")
-        procs += [node, coord]
-        node_addr = wait_for_address(node, node_log)
-        coord_addr = wait_for_address(coord, coord_log)
-        print(f"FHE node on {node_addr}, coordinator on {coord_addr} (mTLS)")
-        failures = 0
-        for name in hospitals:
-            cmd = [sys.executable, "-m", "worker", "generate", "--fhe", node_addr.replace("127.0.0.1", "localhost"),
-                   "--tls-dir", str(run_dir / "pki"), "--identity", name, "--model", args.model,
-                   "--param-set", args.param_set, "--prompt", args.prompt,
-                   "--max-new-tokens", str(args.max_new_tokens), "--log-file", str(run_dir / "logs" / f"{name}.log")]
+        for r in range(1, args.rounds + 1):
+            victims = [h for h in run.hospitals if kill.get(h.name) == str(r) and h.alive]
+            for h in victims:  # frozen before the round starts, killed once it has: a worker lost mid-round
+                assert h.proc is not None
+                os.killpg(h.proc.pid, signal.SIGSTOP)
+            watch = stub.WatchRounds(pb.WatchRoundsRequest())
             start = time.monotonic()
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            text = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-            status = "ok" if out.returncode == 0 else f"failed ({out.returncode})"
-            failures += out.returncode != 0
-            print(f"{name}: encrypted generation {status} in {time.monotonic() - start:.1f} s: {text!r}")
-        return 1 if failures else 0
+            started = await stub.StartRound(pb.StartRoundRequest(config=config_to_proto(run.config),
+                                                                 deadline_seconds=args.round_deadline))
+            for h in victims:
+                assert h.proc is not None
+                await asyncio.sleep(0.5)
+                os.killpg(h.proc.pid, signal.SIGKILL)
+                h.proc.wait()
+                print(f"  (killed {h.name} during round {r}, as --kill-worker asked)")
+            closed = None
+            async for ev in watch:
+                if ev.WhichOneof("event") == "closed" and ev.closed.round == started.round:
+                    closed = ev.closed
+                    break
+            watch.cancel()
+            assert closed is not None
+            seconds = time.monotonic() - start
+            aggregated = closed.outcome == pb.ROUND_OUTCOME_AGGREGATED
+            if aggregated:  # every live worker fetches, verifies and evaluates the new global adapter
+                await wait_for(evaluated(run.hospitals, started.round), args.round_deadline, f"round {r} evaluations")
+            for h in victims:  # it comes back and joins the next round
+                h.restarts += 1
+                h.start()
+            if victims:
+                await wait_for_connected(stub, [h.name for h in victims], READY_TIMEOUT_S)
+            run.rounds.append(round_record(run, started.round, closed, seconds, time.monotonic() - start))
+            print_round(run.rounds[-1], args.rounds)
+        await stub.FinishFederation(pb.FinishFederationRequest())
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
+        await channel.close()
+
+
+async def wait_for_connected(stub, names: Sequence[str], timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await stub.GetStatus(pb.GetStatusRequest())
+        if set(names) <= {w.worker_id for w in status.workers if w.connected}:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{', '.join(names)} did not reconnect")
+        await asyncio.sleep(0.3)
+
+
+def round_record(run: Run, round_: int, closed: pb.RoundClosed, seconds: float, total: float) -> dict[str, Any]:
+    parts = {p.worker_id: p for p in closed.participants}
+    per_worker = {}
+    for h in run.hospitals:
+        sub = h.events("submitted", round_)
+        declined = h.events("declined", round_)
+        applied = h.events("applied", round_)
+        per_worker[h.name] = {
+            "mode": h.mode,
+            "participated": h.name in parts,
+            "dp": not (sub[-1]["no_dp"] if sub else run.args.no_dp),
+            "train_loss": sub[-1]["train_loss"] if sub else None,
+            "epsilon": finite(parts[h.name].epsilon) if h.name in parts else None,
+            "update_bytes": sub[-1]["update_bytes"] if sub else 0,
+            "fhe_bytes_up": sub[-1]["fhe_bytes_up"] if sub else 0,
+            "declined": declined[-1]["reason"] if declined else None,
+            "lora_aggregation_error": applied[-1].get("lora_aggregation_error") if applied else None,
+        }
+    losses = [w["train_loss"] for w in per_worker.values() if w["train_loss"] is not None]
+    errors = [w["lora_aggregation_error"] for w in per_worker.values() if w["lora_aggregation_error"] is not None]
+    return {
+        "round": round_,
+        "outcome": "aggregated" if closed.outcome == pb.ROUND_OUTCOME_AGGREGATED else "failed",
+        "reason": closed.reason,
+        "participants": sorted(parts),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "eval_loss": mean_eval(run.hospitals, round_),
+        "epsilon": {n: w["epsilon"] for n, w in per_worker.items() if w["participated"]},
+        "dp": {n: w["dp"] for n, w in per_worker.items()},
+        "seconds": round(seconds, 3),
+        "seconds_with_eval": round(total, 3),
+        "bytes_up": sum(w["update_bytes"] + w["fhe_bytes_up"] for w in per_worker.values()),
+        "update_bytes": sum(w["update_bytes"] for w in per_worker.values()),
+        "fhe_bytes_up": sum(w["fhe_bytes_up"] for w in per_worker.values()),
+        "lora_aggregation_error": max(errors) if errors else None,
+        "workers": per_worker,
+    }
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_round(rec: dict[str, Any], total: int) -> None:
+    eps = ", ".join(f"{n} {'no-DP' if not rec['dp'][n] else _fmt(e, '.2f')}" for n, e in rec["epsilon"].items())
+    extra = f"  LoRA agg. error {rec['lora_aggregation_error']:.2e}" if rec["lora_aggregation_error"] else ""
+    print(f"round {rec['round']}/{total} {rec['outcome']}: {len(rec['participants'])} participants  "
+          f"train loss {_fmt(rec['train_loss'])}  eval loss {_fmt(rec['eval_loss'])}  ε [{eps}]  "
+          f"{rec['seconds']:.1f} s  {rec['bytes_up'] / 1e6:.2f} MB up{extra}", flush=True)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in report["rounds"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([0, *rounds], [report["baseline_eval_loss"], *[r["eval_loss"] for r in report["rounds"]]], "o-")
+    ax1.set(xlabel="round", ylabel="held-out loss (global adapter)", title="eval loss")
+    for name in report["workers"]:
+        eps = [r["epsilon"].get(name) for r in report["rounds"]]
+        if any(e is not None for e in eps):
+            ax2.plot(rounds, [e if e is not None else float("nan") for e in eps], "o-", label=name)
+    ax2.axhline(report["settings"]["epsilon"], ls="--", c="grey", label="budget")
+    ax2.set(xlabel="round", ylabel="ε spent", title="differential privacy")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfhe-local", description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=3, help="number of hospitals")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--model", default="tiny", choices=MODEL_IDS)
+    p.add_argument("--report", type=Path, help="JSON report (default RUN_DIR/report.json); a PNG plot goes beside it")
+    p.add_argument("--run-dir", type=Path, help="keep everything here (default: a new temporary directory)")
+    p.add_argument("--min-workers", type=int, default=2, help="updates a round needs")
+    p.add_argument("--modes", help="compute mode per hospital, cycled (fhe: encrypted on the node; local)")
+    p.add_argument("--param-set", choices=["exact", "compact"], help="LWE parameter set of the fhe hospitals")
+    p.add_argument("--epsilon", type=float, default=8.0, help="DP budget per hospital over the whole run")
+    p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: 1/(10·N) per hospital)")
+    p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (comparison only)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
+    p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--kill-worker", action="append", metavar="NAME@ROUND",
+                   help="fault drill: kill this worker mid-round, restart it after the round (repeatable)")
+    for name in ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets",
+                 "max_seq_len", "records", "eval_records", "round_deadline"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(PRESETS["tiny"][name]),
+                       help=f"default per model: {', '.join(f'{m} {PRESETS[m][name]}' for m in PRESETS)}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value in PRESETS[args.model].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.workers < 1 or args.rounds < 1 or not 1 <= args.min_workers <= args.workers:
+        parser.error("need --workers >= 1, --rounds >= 1 and 1 <= --min-workers <= --workers")
+    for k in args.kill_worker or []:
+        if "@" not in k:
+            parser.error(f"--kill-worker {k!r}: expected NAME@ROUND")
+    run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="fedfhe-run-"))).resolve()
+    for sub in ("logs", "metrics", "state"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    names = [f"hospital-{i + 1}" for i in range(args.workers)]
+    make_federation_pki(run_dir / "pki", names, ["localhost", "127.0.0.1"], force=True)
+    (run_dir / "keys").mkdir(mode=0o700, exist_ok=True)
+    key = ConsortiumKey.generate()
+    key_file = run_dir / "keys" / "consortium.key"
+    write_key_file(key_file, key, force=True)
+    generate_dataset(run_dir / "data", hospitals=args.workers, seed=args.seed, records=[args.records])
+    modes = (args.modes.split(",") * args.workers)[:args.workers]
+    config = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                            lora_targets=tuple(args.lora_targets.split(",")), ffa=not args.full_lora,
+                            max_seq_len=args.max_seq_len, total_rounds=args.rounds).validate()
+    print(f"run directory: {run_dir}")
+    print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
+          f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
+          f"{'full LoRA' if args.full_lora else 'FFA-LoRA'} rank {args.lora_rank} on {args.lora_targets}")
+    procs: list[subprocess.Popen] = []
+    hospitals: list[Hospital] = []
+    started = time.monotonic()
+    try:
+        node_addr = ""
+        if "fhe" in modes:
+            node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model)
+            procs.append(node)
+        coord, coord_log = _service("coordinator", run_dir, "coordinator", "--min-workers", str(args.min_workers),
+                                    "--round-deadline", str(args.round_deadline),
+                                    "--key-check-value", key.check_value().hex())
+        procs.append(coord)
+        coord_addr = wait_for_address(coord, coord_log)
+        if "fhe" in modes:
+            node_addr = wait_for_address(node, node_log)
+        print(f"coordinator on {coord_addr}" + (f", FHE node on {node_addr}" if node_addr else "") + " (mTLS)")
+        for name, mode in zip(names, modes, strict=True):
+            cmd = [sys.executable, "-m", "worker", "join", "--coordinator", coord_addr, "--tls-dir",
+                   str(run_dir / "pki"), "--identity", name, "--mode", mode, "--model", args.model,
+                   "--param-set", args.param_set, "--data", str(run_dir / "data" / name / "train.jsonl"),
+                   "--eval-data", str(run_dir / "data" / name / "eval.jsonl"),
+                   "--eval-records", str(args.eval_records), "--consortium-key", str(key_file),
+                   "--epsilon", str(args.epsilon), "--delta", str(args.delta),
+                   "--max-grad-norm", str(args.max_grad_norm),
+                   "--metrics-file", str(run_dir / "metrics" / f"{name}.jsonl"),
+                   "--privacy-ledger", str(run_dir / "state" / f"{name}.privacy.json"),
+                   "--log-file", str(run_dir / "logs" / f"{name}.log"), "--reconnect-seconds", "60"]
+            if mode == "fhe":
+                cmd += ["--fhe", node_addr]
+            if args.no_dp:
+                cmd.append("--no-dp")
+            hospitals.append(Hospital(name, mode, cmd, run_dir / "metrics" / f"{name}.jsonl"))
+            hospitals[-1].start()
+        run = Run(args, run_dir, hospitals, config)
+        asyncio.run(drive(run, coord_addr))
+        for h in hospitals:
             try:
-                p.wait(timeout=15)
+                assert h.proc is not None
+                h.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                print(f"{h.name} did not exit after the federation finished", file=sys.stderr)
+        report = make_report(run, time.monotonic() - started)
+        report_path = (args.report or run_dir / "report.json").resolve()
+        report_path.write_text(json.dumps(report, indent=2, allow_nan=False))
+        write_plot(report, report_path.with_suffix(".png"))
+        print(f"baseline eval loss {_fmt(report['baseline_eval_loss'])} → final {_fmt(report['final_eval_loss'])} "
+              f"in {report['seconds']:.0f} s; report {report_path} (plot {report_path.with_suffix('.png').name})")
+        bad = [h.name for h in hospitals if h.proc is not None and h.proc.returncode not in (0, None)]
+        return 1 if bad or any(r["outcome"] != "aggregated" for r in report["rounds"]) else 0
+    except (RuntimeError, TimeoutError, grpc.aio.AioRpcError) as exc:
+        print(f"fedfhe-local: {exc}; logs in {run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    finally:
+        stop([h.proc for h in hospitals if h.proc is not None], grace=10)
+        stop(procs)
+
+
+def make_report(run: Run, seconds: float) -> dict[str, Any]:
+    args = run.args
+    aggregated = [r for r in run.rounds if r["outcome"] == "aggregated" and r["eval_loss"] is not None]
+    return {
+        "model": args.model,
+        "workers": {h.name: {"mode": h.mode, "restarts": h.restarts,
+                             "final_epsilon": finite(h.events("finished")[-1]["epsilon"]) if h.events("finished")
+                             else None} for h in run.hospitals},
+        "settings": {"rounds": args.rounds, "min_workers": args.min_workers, "param_set": args.param_set,
+                     "epsilon": args.epsilon, "delta": args.delta or None, "dp": not args.no_dp,
+                     "max_grad_norm": args.max_grad_norm, "records_largest_hospital": args.records,
+                     "training": {**run.config.__dict__, "lora_targets": list(run.config.lora_targets)}},
+        "baseline_eval_loss": mean_eval(run.hospitals, 0),
+        "final_eval_loss": aggregated[-1]["eval_loss"] if aggregated else None,
+        "rounds": run.rounds,
+        "seconds": round(seconds, 1),
+        "run_dir": str(run.run_dir),
+    }
 
 
 if __name__ == "__main__":

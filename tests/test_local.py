@@ -1,31 +1,66 @@
-"""fedfhe-local end to end: real processes on loopback with mTLS, per-service logs, clean shutdown."""
+"""fedfhe-local end to end: real processes on loopback with mTLS, rounds, a worker killed mid-round, the report."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from common.updates import load_key_file
 
-@pytest.mark.timeout(600)
-def test_local_federation_runs_every_party_as_a_process(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "coordinator.local", "--workers", "2", "--run-dir", str(run),
-                          "--max-new-tokens", "3"], capture_output=True, text=True, timeout=500, check=False)
+
+@pytest.mark.timeout(900)
+def test_local_federation_with_a_worker_killed_mid_round(tmp_path: Path) -> None:
+    run, report_path = tmp_path / "run", tmp_path / "out" / "report.json"
+    report_path.parent.mkdir()
+    out = subprocess.run([sys.executable, "-m", "coordinator.local", "--workers", "3", "--rounds", "3",
+                          "--model", "tiny", "--min-workers", "2", "--kill-worker", "hospital-3@2",
+                          "--run-dir", str(run), "--report", str(report_path)],
+                         capture_output=True, text=True, timeout=850, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("encrypted generation ok") == 2
-    logs = {p.stem for p in (run / "logs").glob("*.log")}
-    assert logs == {"fhe_server", "coordinator", "hospital-1", "hospital-2"}
-    events = [json.loads(line) for line in (run / "logs" / "fhe_server.log").read_text().splitlines()]
-    assert any(e["event"] == "serving" and e["tls"] for e in events)
-    assert any(e["event"] == "shutting down" for e in events)  # SIGTERM led to a graceful stop
-    generated = [json.loads(line) for line in (run / "logs" / "hospital-1.log").read_text().splitlines()]
-    assert any(e["event"] == "generated" and e["bytes_up"] > 0 for e in generated)
-    for key in (run / "pki").glob("*.key"):
+    assert out.stdout.count("aggregated:") == 3, out.stdout
+    report = json.loads(report_path.read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    # the killed worker does not block round 2, and it is back for round 3
+    assert rounds[0]["participants"] == ["hospital-1", "hospital-2", "hospital-3"]
+    assert rounds[1]["participants"] == ["hospital-1", "hospital-2"]
+    assert rounds[2]["participants"] == ["hospital-1", "hospital-2", "hospital-3"]
+    assert report["workers"]["hospital-3"]["restarts"] == 1
+    for r in rounds:
+        assert r["train_loss"] > 0 and r["eval_loss"] > 0 and r["seconds"] > 0 and r["bytes_up"] > 0
+        assert all(0 < e <= 8.0 + 1e-6 for e in r["epsilon"].values())
+        assert set(r["epsilon"]) == set(r["participants"])
+    # ε only grows, and the restarted worker kept its privacy ledger
+    assert rounds[2]["epsilon"]["hospital-3"] > rounds[0]["epsilon"]["hospital-3"]
+    assert rounds[0]["workers"]["hospital-1"]["fhe_bytes_up"] > 0  # hospital-1 computes through the FHE node
+    assert report["final_eval_loss"] < report["baseline_eval_loss"]
+    assert report_path.with_suffix(".png").stat().st_size > 10_000
+    assert {p.stem for p in (run / "logs").glob("*.log")} == {
+        "fhe_server", "coordinator", "hospital-1", "hospital-2", "hospital-3"}
+    coord = [json.loads(line) for line in (run / "logs" / "coordinator.log").read_text().splitlines()]
+    assert any(e["event"] == "serving" and e["tls"] for e in coord)
+    assert any(e["event"] == "shutting down" for e in coord)  # SIGTERM led to a graceful stop
+    assert sum(e["event"] == "round closed" for e in coord) == 3
+    # keys are 0600, and no log, metric, data or temp file holds the consortium key
+    key_file = run / "keys" / "consortium.key"
+    for key in [*(run / "pki").glob("*.key"), key_file]:
         assert key.stat().st_mode & 0o777 == 0o600
+    raw = load_key_file(key_file).raw_bytes_for_tests()
+    needles = [raw, raw.hex().encode(), base64.b64encode(raw)]
+    for root in (run, Path(tempfile.gettempdir())):
+        for path in root.rglob("*"):
+            if path.is_file() and path != key_file and not path.is_symlink():
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    continue
+                assert not any(n in data for n in needles), path
 
 
 def test_worker_without_a_node_fails_cleanly() -> None:

@@ -40,6 +40,8 @@ class JoinConfig(WorkerConfig):
                                             "over the federation's planned rounds)")
     accountant: str = opt("rdp", help="privacy accountant", choices=list(ACCOUNTANTS))
     metrics_file: Path | None = opt(None, help="append one JSON line per round event (losses, epsilon, bytes)")
+    privacy_ledger: Path | None = opt(None, help="JSON file keeping the DP accountant's history across restarts "
+                                                 "(no data in it; without it a restarted worker starts at epsilon 0)")
     reconnect_seconds: float = opt(120.0, help="keep retrying an unreachable coordinator this long")
     progress: bool = opt(False, help="show progress bars for local steps and hint downloads")
 

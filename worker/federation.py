@@ -121,7 +121,8 @@ class FederatedWorker:
         self.runtime = self.runtime_factory(self.cfg.mode, self.cfg.model, by_name(self.cfg.param_set), lora,
                                             fhe_target=self.cfg.fhe, channel=self.cfg)
         self.lora = lora
-        self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id)
+        self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id,
+                               ledger=self.cfg.privacy_ledger)
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 

@@ -20,12 +20,14 @@ their sum, so a sample's gradient never depends on the other samples.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,7 +140,7 @@ class Trainer:
     """Local rounds of (DP-)training on one hospital's token sequences."""
 
     def __init__(self, model: SplitLlama, records: Sequence[Sequence[int]], dp: DpSettings, *,
-                 pad_id: int = 0, rng: Randomness = os.urandom) -> None:
+                 pad_id: int = 0, rng: Randomness = os.urandom, ledger: Path | None = None) -> None:
         if not records:
             raise ValueError("no training records")
         if any(len(r) < 2 for r in records):
@@ -148,7 +150,29 @@ class Trainer:
         self.accountant = create_accountant(dp.accountant) if dp.enabled else None
         self.noise_multiplier = dp.noise_multiplier
         self.steps_taken = 0
+        self.ledger = ledger
+        self._load_ledger()
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum") if dp.enabled else None
+
+    def _load_ledger(self) -> None:
+        """Resume privacy accounting after a restart: ε spent before must still count."""
+        if self.ledger is None or self.accountant is None or not self.ledger.exists():
+            return
+        state = json.loads(self.ledger.read_text())
+        if state.get("accountant") != self.dp.accountant or state.get("records") != self.num_records:
+            raise ValueError(f"privacy ledger {self.ledger} belongs to another accountant or data set")
+        self.accountant.history = [tuple(h) for h in state["history"]]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.steps_taken = int(state["steps"])
+
+    def _save_ledger(self) -> None:
+        if self.ledger is None or self.accountant is None:
+            return
+        tmp = self.ledger.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"accountant": self.dp.accountant, "records": self.num_records,
+                                   "noise_multiplier": self.noise_multiplier, "steps": self.steps_taken,
+                                   "delta": self.delta, "history": [list(h) for h in self.accountant.history]}))
+        tmp.replace(self.ledger)
 
     @property
     def num_records(self) -> int:
@@ -235,6 +259,7 @@ class Trainer:
         if self.gsm is not None:  # no per-sample state outlives the round
             for p in params:
                 p.grad_sample = None
+        self._save_ledger()
         self.model.eval()
         return RoundResult(cfg.local_steps, float(np.mean(losses)) if losses else math.nan, self.epsilon,
                            self.num_records, sampled, time.perf_counter() - start)
