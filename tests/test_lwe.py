@@ -231,7 +231,14 @@ def test_quantization_round_trips_within_half_a_step() -> None:
 def test_zero_rows_and_tokens_quantize_to_zero() -> None:
     w_int, sw = quantize_rows(np.zeros((2, 4)))
     x_int, sx = quantize_tokens(np.zeros((3, 4)), 16)
-    assert not w_int.any() and not x_int.any() and (sw > 0).all() and (sx > 0).all()
+    assert not w_int.any() and not x_int.any() and (sw > 0).all() and not sx.any()
+    # a zero token stays exactly zero through a noisy (compact-set) product
+    x = np.zeros((2, 4))
+    x[0] = [1.0, -2.0, 0.5, 0.0]
+    x_int, sx = quantize_tokens(x, 16)
+    noisy = np.array([[17, -9500], [3, 8000]], dtype=np.int64)  # (d_out, T): noise on the zero token
+    y = dequantize_product(noisy, np.ones(2, np.float32), sx)
+    assert sx[1] == 0 and np.all(y[1] == 0) and np.all(y[0] != 0)
 
 
 # ---------------------------------------------------------------- wire format

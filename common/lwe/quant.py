@@ -32,9 +32,11 @@ def quantize_tokens(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected a (tokens, features) matrix, got shape {x.shape}")
     qmax = (1 << (bits - 1)) - 1
     absmax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0])
-    scales = np.where(absmax > 0, absmax / qmax, 1.0)
-    x_int = np.clip(np.rint(x / scales[:, None]), -qmax, qmax).astype(np.int64)
-    return x_int, scales
+    safe = np.where(absmax > 0, absmax / qmax, 1.0)
+    x_int = np.clip(np.rint(x / safe[:, None]), -qmax, qmax).astype(np.int64)
+    # An all-zero token gets scale 0, so it dequantizes to exactly 0 even when its product carries
+    # noise (the compact set is not exact): the zero gradient rows of padding stay zero.
+    return x_int, np.where(absmax > 0, safe, 0.0)
 
 
 def dequantize_product(y_int: np.ndarray, row_scales: np.ndarray, token_scales: np.ndarray) -> np.ndarray:
