@@ -121,7 +121,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             total_samples=patch.total_samples, tensors=layout_to_proto(patch.layout),
             size_bytes=len(patch.payload), federation_id=fed.federation_id,
             key_check_value=patch.key_check_value, digest=hashlib.sha256(patch.payload).digest(),
-            restored=patch.restored))
+            restored=patch.restored, config=patch.config))
         for i, n, piece in split(patch.payload, CHUNK_BYTES):
             yield coordinator_pb2.GetPatchResponse(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
 
@@ -212,7 +212,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             claim = self._claim(h, 1, 0.0, False)
             layout = fed.begin_restore(name, claim)
             payload = await self._payload(iterator, layout, h.digest)
-            fed.finish_restore(name, claim, layout, payload)
+            config_from_proto(h.config)  # a restored adapter must say how to rebuild it
+            fed.finish_restore(name, claim, layout, payload, h.config)
             return coordinator_pb2.RestorePatchResponse(round=claim.round, accepted=True)
         except FedfheError as exc:
             await abort_with(context, exc)

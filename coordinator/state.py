@@ -152,6 +152,7 @@ class Patch:
     payload: bytes
     key_check_value: bytes
     restored: bool
+    config: Any
 
 
 @dataclass(frozen=True)
@@ -455,7 +456,7 @@ class Federation:
             detail = f"it was evicted (the last {self.store.keep} are kept)" if rnd.state == "evicted" else rnd.reason
             raise NotFound(f"no aggregate for round {round_}: {detail}")
         return Patch(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf.read(),
-                     self.key_check_value, rnd.restored)
+                     self.key_check_value, rnd.restored, rnd.config)
 
     def begin_restore(self, worker: str, claim: UpdateClaim) -> TensorLayout:
         """A worker offers the global adapter of a round after a restart left this coordinator empty."""
@@ -467,12 +468,13 @@ class Federation:
             raise InvalidArgument("a restored aggregate belongs to a round >= 1")
         return self._check_claim(claim, f"restore by {worker!r}")
 
-    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes) -> None:
+    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes,
+                       config: Any) -> None:
         if self.store.rounds() or self.rounds:
             raise FailedPrecondition("another worker restored this coordinator first")
         buf = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
         buf.add(payload)
-        rnd = Round(claim.round, None, int(self._clock() * 1000), (worker,), 0, state="aggregated",
+        rnd = Round(claim.round, config, int(self._clock() * 1000), (worker,), 0, state="aggregated",
                     reason=f"restored by {worker}", layout=layout, buffer=buf, restored=True)
         rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
                                                   claim.nonce)

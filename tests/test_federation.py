@@ -12,7 +12,9 @@ import asyncio
 import base64
 import json
 import re
+import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -30,12 +32,17 @@ from fedkit import (
 )
 
 from common.config import ChannelConfig
+from common.lwe.params import EXACT
 from common.rpc import make_channel
 from common.updates import ConsortiumKey, TamperedAggregate, WrongConsortiumKey, write_key_file
 from coordinator.state import Settings
 from fedfhe.v1 import coordinator_pb2_grpc
-from worker.federation import Patch
-from worker.lora import lora_state_dict
+from worker.__main__ import global_adapter
+from worker.config import GenerateConfig
+from worker.federation import Patch, fetch_patch
+from worker.lora import load_lora_state_dict, lora_state_dict
+from worker.model import generate
+from worker.runtime import build
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,6 +81,34 @@ def scan_for(roots: list[Path], needles: dict[str, bytes], skip: set[Path]) -> l
                 continue
             hits += [f"{path}: {what}" for what, needle in needles.items() if needle in data]
     return hits
+
+
+async def check_generate(coordinator: str, key_file: Path, tmp_path: Path) -> None:
+    """`generate` under the federated adapter differs from the base model; a wrong key generates nothing."""
+    prompt = "Patient admitted with chest pain. Assessment:"
+    cfg = GenerateConfig(insecure=True, coordinator=coordinator, consortium_key=key_file, mode="local",
+                         model="tiny", prompt=prompt, max_new_tokens=16)
+    lora, state, round_ = await global_adapter(cfg)
+    assert round_ == 2
+    rt = build("local", "tiny", EXACT, lora)
+    ids = torch.tensor([list(prompt.encode())])
+    with torch.no_grad():
+        base = rt.model(ids)
+        load_lora_state_dict(rt.model, state)
+        tuned = rt.model(ids)
+    # two short rounds move the logits, not necessarily the greedy tokens (the SmolLM2 run shows those change)
+    assert (tuned - base).abs().max() > 1e-2
+    assert len(generate(rt.model, ids, 4)) == ids.shape[1] + 4
+    wrong = tmp_path / "wrong.key"
+    write_key_file(wrong, ConsortiumKey.generate())
+    with pytest.raises(WrongConsortiumKey):
+        await global_adapter(replace(cfg, consortium_key=wrong))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "generate", "--insecure", "--mode", "local", "--coordinator", coordinator,
+        "--consortium-key", str(wrong), "--prompt", prompt, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2 and out == b"" and b"wrong consortium key" in err, err[-500:]
 
 
 async def test_rounds_aggregate_exactly_and_leave_no_plaintext_behind(tmp_path: Path) -> None:
@@ -138,6 +173,7 @@ async def test_rounds_aggregate_exactly_and_leave_no_plaintext_behind(tmp_path: 
         hits = scan_for([tmp_path, Path(tempfile.gettempdir())], needles, skip={key_file})
         assert not hits, hits[:5]
 
+        await check_generate(coord.address, key_file, tmp_path)
         await op.finish()
         assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0, 0]
         metrics = [json.loads(line) for line in (data / "hospital-1.metrics.jsonl").read_text().splitlines()]
@@ -177,7 +213,7 @@ async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_
             await asyncio.sleep(0.05)
         before = {k: v.clone() for k, v in lora_state_dict(w.runtime.model).items()}
         async with make_channel(coord.address, ChannelConfig(insecure=True)) as ch:
-            good = await w.fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(ch), 1)
+            good = await fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(ch), 1)
         rng = np.random.default_rng(0)
         for bit in rng.choice(len(good.payload) * 8, 40, replace=False):
             bad = bytearray(good.payload)

@@ -2,7 +2,8 @@
 
     fedfhe-worker join --coordinator HOST:PORT --fhe HOST:PORT --tls-dir DIR --identity hospital-1 \\
         --data notes.jsonl --eval-data held_out.jsonl --consortium-key consortium.key [--epsilon 8]
-    fedfhe-worker generate --fhe 127.0.0.1:50051 --insecure --model smollm2-135m --prompt "..."
+    fedfhe-worker generate --fhe HOST:PORT --tls-dir DIR --identity hospital-1 --model smollm2-135m \\
+        [--coordinator HOST:PORT --consortium-key consortium.key] --prompt "..."
 """
 
 from __future__ import annotations
@@ -21,27 +22,47 @@ from common.config import ConfigError, add_arguments, from_namespace
 from common.errors import FedfheError
 from common.logs import configure_logging
 from common.lwe.params import by_name
+from common.messages import config_from_proto
+from common.rpc import make_channel
 from common.updates import load_key_file
-from worker.config import JoinConfig, WorkerConfig
+from fedfhe.v1 import coordinator_pb2_grpc
+from worker.config import GenerateConfig, JoinConfig
 from worker.data import NotesFormatError
-from worker.federation import FederatedWorker, load_records
-from worker.model import generate
+from worker.federation import FederatedWorker, adapter_tensors, fetch_patch, load_records, lora_config, open_patch
+from worker.lora import load_lora_state_dict
+from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer
 
 TOKENIZE_MAX = 4096  # notes are cut to the round's max_seq_len at batch time
 
 
-def run_generate(cfg: WorkerConfig, prompt: str, max_new_tokens: int) -> int:
+async def global_adapter(cfg: GenerateConfig) -> tuple[LoraConfig, dict[str, torch.Tensor], int]:
+    """Fetch, verify and decrypt the federated adapter in RAM: (its LoRA settings, its tensors, its round)."""
+    assert cfg.consortium_key is not None
+    key = load_key_file(cfg.consortium_key)
+    async with make_channel(cfg.coordinator, cfg) as channel:
+        patch = await fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(channel), cfg.round)
+    mean = open_patch(key, patch.header.federation_id, patch)  # UpdateCryptoError: nothing is applied
+    return lora_config(config_from_proto(patch.header.config)), adapter_tensors(mean), patch.header.round
+
+
+def run_generate(cfg: GenerateConfig) -> int:
+    """Greedy generation; with --coordinator, under the federated adapter applied in RAM only."""
     log = structlog.get_logger("fedfhe.worker")
-    runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), fhe_target=cfg.fhe, channel=cfg)
+    lora, state, round_ = None, None, 0
+    if cfg.coordinator:
+        lora, state, round_ = asyncio.run(global_adapter(cfg))  # fails before any model exists
+    runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), lora, fhe_target=cfg.fhe, channel=cfg)
     try:
+        if state is not None:
+            load_lora_state_dict(runtime.model, state)  # strict: a mismatched adapter is refused whole
         tok = tokenizer(cfg.model)
-        ids = torch.tensor([tok.encode(prompt)])
+        ids = torch.tensor([tok.encode(cfg.prompt)])
         start = time.perf_counter()
-        out = generate(runtime.model, ids, max_new_tokens, eos_id=tok.eos_token_id)
+        out = generate(runtime.model, ids, cfg.max_new_tokens, eos_id=tok.eos_token_id)
         seconds = time.perf_counter() - start
         new = out[ids.shape[1]:]
-        log.info("generated", mode=cfg.mode, tokens=len(new), seconds=round(seconds, 2),
+        log.info("generated", mode=cfg.mode, tokens=len(new), seconds=round(seconds, 2), adapter_round=round_,
                  bytes_up=runtime.client.bytes_up if runtime.client else 0)
         print(tok.decode(new))
     finally:
@@ -68,13 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="take part in a federation until the operator finishes it")
     add_arguments(join, JoinConfig)
-    gen = sub.add_parser("generate", help="greedy generation with the split model")
-    add_arguments(gen, WorkerConfig)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen = sub.add_parser("generate", help="greedy generation with the split model (and the federated adapter)")
+    add_arguments(gen, GenerateConfig)
     args = parser.parse_args(argv)
     try:
-        cfg = from_namespace(JoinConfig if args.command == "join" else WorkerConfig, args)
+        cfg = from_namespace(JoinConfig if args.command == "join" else GenerateConfig, args)
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
@@ -82,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if isinstance(cfg, JoinConfig):
             return run_join(cfg)
-        return run_generate(cfg, args.prompt, args.max_new_tokens)
+        assert isinstance(cfg, GenerateConfig)
+        return run_generate(cfg)
     except (FedfheError, NotesFormatError) as exc:
         log.error("worker stopped", error=str(exc))
         print(f"fedfhe-worker: {exc}", file=sys.stderr)

@@ -26,6 +26,24 @@ class WorkerConfig(ChannelConfig, LogConfig):
 
 
 @dataclass(frozen=True)
+class GenerateConfig(WorkerConfig):
+    coordinator: str = opt("", help="fetch the federated adapter from this coordinator (HOST:PORT)")
+    consortium_key: Path | None = opt(None, help="the consortium update key file that opens the adapter")
+    round: int = opt(0, help="the round whose global adapter to apply (0: the newest)")
+    prompt: str = opt("", help="text to continue")
+    max_new_tokens: int = opt(20, help="tokens to generate")
+
+    def validate(self) -> None:
+        super().validate()
+        if bool(self.coordinator) != (self.consortium_key is not None):
+            raise ConfigError("--coordinator and --consortium-key go together (the adapter is encrypted)")
+        if not self.prompt:
+            raise ConfigError("--prompt is required")
+        if self.round < 0 or self.max_new_tokens < 1:
+            raise ConfigError("--round must be >= 0 and --max-new-tokens >= 1")
+
+
+@dataclass(frozen=True)
 class JoinConfig(WorkerConfig):
     coordinator: str = opt("", help="coordinator address HOST:PORT")
     data: Path | None = opt(None, help="this hospital's training notes (JSONL or CSV with a text column)")

@@ -15,6 +15,7 @@ from the same round.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import time
@@ -31,7 +32,14 @@ import torch
 from common.chunks import Assembler, split
 from common.errors import FailedPrecondition
 from common.lwe.params import by_name
-from common.messages import TrainingConfig, config_from_proto, contributions, layout_from_proto, layout_to_proto
+from common.messages import (
+    TrainingConfig,
+    config_from_proto,
+    config_to_proto,
+    contributions,
+    layout_from_proto,
+    layout_to_proto,
+)
 from common.rpc import make_channel
 from common.updates import ConsortiumKey, UpdateCryptoError, decrypt_aggregate, encrypt_update
 from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -76,6 +84,37 @@ def aggregation_error(runtime: Runtime, mean_sketch: dict[str, np.ndarray], seed
 class Patch:
     header: coordinator_pb2.PatchHeader
     payload: bytes
+
+
+async def fetch_patch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int) -> Patch:
+    """The encrypted aggregate of a round (0: the newest), reassembled and digest-checked; not yet verified."""
+    header, asm = None, None
+    async for msg in stub.GetPatch(coordinator_pb2.GetPatchRequest(round=round_)):
+        if msg.WhichOneof("kind") == "header":
+            header = msg.header
+            asm = Assembler(header.size_bytes)
+        elif asm is not None:
+            asm.add(msg.chunk.index, msg.chunk.count, msg.chunk.data)
+    if header is None or asm is None:
+        raise FailedPrecondition(f"the coordinator sent no patch header for round {round_}")
+    payload = asm.payload()
+    if hashlib.sha256(payload).digest() != header.digest:
+        raise FailedPrecondition(f"patch of round {header.round} arrived corrupted (digest mismatch)")
+    return Patch(header, payload)
+
+
+def open_patch(key: ConsortiumKey, federation_id: str, patch: Patch) -> dict[str, np.ndarray]:
+    """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state."""
+    h = patch.header
+    if h.federation_id != federation_id:
+        raise FailedPrecondition(f"patch of federation {h.federation_id!r}, expected {federation_id!r}")
+    return decrypt_aggregate(key, federation_id, h.round, contributions(h.participants), h.total_samples,
+                             layout_from_proto(h.tensors), patch.payload, h.key_check_value)
+
+
+def adapter_tensors(mean: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a decrypted aggregate (without the full-LoRA error sketches)."""
+    return {k: torch.from_numpy(v) for k, v in mean.items() if not k.startswith("sketch.")}
 
 
 class FederatedWorker:
@@ -136,33 +175,11 @@ class FederatedWorker:
 
     # ---- patches ----------------------------------------------------------------------------------
 
-    async def fetch_patch(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int) -> Patch:
-        header, asm = None, None
-        async for msg in stub.GetPatch(coordinator_pb2.GetPatchRequest(round=round_)):
-            if msg.WhichOneof("kind") == "header":
-                header = msg.header
-                asm = Assembler(header.size_bytes)
-            elif asm is not None:
-                asm.add(msg.chunk.index, msg.chunk.count, msg.chunk.data)
-        if header is None or asm is None:
-            raise FailedPrecondition(f"the coordinator sent no patch header for round {round_}")
-        return Patch(header, asm.payload())
-
-    def open_patch(self, patch: Patch) -> dict[str, np.ndarray]:
-        """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state."""
-        h = patch.header
-        if h.federation_id != self.federation_id:
-            raise FailedPrecondition(f"patch of federation {h.federation_id!r}, this worker is in "
-                                     f"{self.federation_id!r}")
-        return decrypt_aggregate(self.key, self.federation_id, h.round, contributions(h.participants),
-                                 h.total_samples, layout_from_proto(h.tensors), patch.payload, h.key_check_value)
-
     def apply_patch(self, patch: Patch) -> dict[str, np.ndarray]:
         """Decrypt, verify, then load the global adapter; on any error the current adapter is left as it was."""
-        mean = self.open_patch(patch)
+        mean = open_patch(self.key, self.federation_id, patch)
         assert self.runtime is not None
-        state = {k: torch.from_numpy(v) for k, v in mean.items() if not k.startswith("sketch.")}
-        load_lora_state_dict(self.runtime.model, state)  # strict: checks every name and shape before copying
+        load_lora_state_dict(self.runtime.model, adapter_tensors(mean))  # strict: every name and shape first
         self.global_state = lora_state_dict(self.runtime.model)
         self.applied_round = patch.header.round
         return mean
@@ -173,7 +190,7 @@ class FederatedWorker:
         if round_ == 0 or round_ == self.applied_round:
             return
         await asyncio.to_thread(self.ensure_model, cfg)
-        patch = await self.fetch_patch(stub, round_)
+        patch = await fetch_patch(stub, round_)
         try:
             mean = await asyncio.to_thread(self.apply_patch, patch)
         except UpdateCryptoError as exc:
@@ -251,7 +268,8 @@ class FederatedWorker:
                              {k: v.numpy() for k, v in self.global_state.items()}, 1)
         header = coordinator_pb2.RestoreHeader(
             round=self.applied_round, tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload),
-            digest=enc.digest, key_check_value=self.key.check_value(), worker_id=self.worker_id, nonce=enc.nonce)
+            digest=enc.digest, key_check_value=self.key.check_value(), worker_id=self.worker_id, nonce=enc.nonce,
+            config=config_to_proto(self.round_cfg) if self.round_cfg else None)
 
         async def requests() -> AsyncIterator[coordinator_pb2.RestorePatchRequest]:
             yield coordinator_pb2.RestorePatchRequest(header=header)

@@ -134,8 +134,11 @@ class FheClient:
 
     def close(self) -> None:
         async def shutdown() -> None:
-            await self._outbox.put(None)
-            self._reader.cancel()
+            await self._outbox.put(None)  # ends the request stream: the node finishes and closes the session
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                self._reader.cancel()
             await self._channel.close()
 
         if self._thread.is_alive():

@@ -191,9 +191,12 @@ class Trainer:
     def calibrate(self, cfg: TrainingConfig) -> float:
         """σ that spends exactly the budget over cfg.total_rounds rounds (once; later rounds reuse it)."""
         if self.noise_multiplier is None:
-            self.noise_multiplier = float(get_noise_multiplier(
-                target_epsilon=self.dp.epsilon, target_delta=self.delta, sample_rate=self.sample_rate(cfg),
-                steps=cfg.total_rounds * cfg.local_steps, accountant=self.dp.accountant, epsilon_tolerance=0.005))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                self.noise_multiplier = float(get_noise_multiplier(
+                    target_epsilon=self.dp.epsilon, target_delta=self.delta, sample_rate=self.sample_rate(cfg),
+                    steps=cfg.total_rounds * cfg.local_steps, accountant=self.dp.accountant,
+                    epsilon_tolerance=0.005))
         return self.noise_multiplier
 
     def epsilon_after(self, cfg: TrainingConfig) -> float:

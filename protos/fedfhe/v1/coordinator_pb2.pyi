@@ -142,7 +142,7 @@ class GetPatchRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class PatchHeader(_message.Message):
-    __slots__ = ("round", "participants", "total_samples", "tensors", "size_bytes", "federation_id", "key_check_value", "digest", "restored")
+    __slots__ = ("round", "participants", "total_samples", "tensors", "size_bytes", "federation_id", "key_check_value", "digest", "restored", "config")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class PatchHeader(_message.Message):
     KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
     total_samples: int
@@ -161,7 +162,8 @@ class PatchHeader(_message.Message):
     key_check_value: bytes
     digest: bytes
     restored: bool
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., federation_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., restored: _Optional[bool] = ...) -> None: ...
+    config: RoundConfig
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., total_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., federation_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., restored: _Optional[bool] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ...) -> None: ...
 
 class GetPatchResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -256,7 +258,7 @@ class FinishFederationResponse(_message.Message):
     def __init__(self, last_round: _Optional[int] = ...) -> None: ...
 
 class RestoreHeader(_message.Message):
-    __slots__ = ("round", "tensors", "size_bytes", "digest", "key_check_value", "worker_id", "nonce")
+    __slots__ = ("round", "tensors", "size_bytes", "digest", "key_check_value", "worker_id", "nonce", "config")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,7 @@ class RestoreHeader(_message.Message):
     KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     size_bytes: int
@@ -271,7 +274,8 @@ class RestoreHeader(_message.Message):
     key_check_value: bytes
     worker_id: str
     nonce: bytes
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., key_check_value: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    config: RoundConfig
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., key_check_value: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ...) -> None: ...
 
 class RestorePatchRequest(_message.Message):
     __slots__ = ("header", "chunk")
