@@ -30,12 +30,11 @@ import grpc
 
 from common.certs import make_federation_pki
 from common.config import ChannelConfig
-from common.messages import TrainingConfig, config_to_proto
+from common.messages import TrainingConfig
 from common.models import MODEL_IDS
-from common.rpc import make_channel
 from common.updates import ConsortiumKey, write_key_file
+from coordinator.operator import OperatorClient
 from fedfhe.v1 import coordinator_pb2 as pb
-from fedfhe.v1 import coordinator_pb2_grpc
 from worker.data import generate_dataset
 
 READY_TIMEOUT_S = 900  # loading SmolLM2 and quantizing its weights takes a while on 2 cores
@@ -165,72 +164,43 @@ async def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-
 async def drive(run: Run, coord_addr: str) -> None:
     """The operator: wait for the workers, run the rounds, finish the federation."""
     args = run.args
-    channel = make_channel(coord_addr, ChannelConfig(tls_dir=run.run_dir / "pki", identity="operator"))
-    stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-    names = [h.name for h in run.hospitals]
-    kill = dict(k.split("@") for k in args.kill_worker) if args.kill_worker else {}
-
-    async def connected() -> set[str]:
-        status = await stub.GetStatus(pb.GetStatusRequest())
-        return {w.worker_id for w in status.workers if w.connected}
-
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not set(names) <= await connected():
-        for h in run.hospitals:
-            if not h.alive:
-                raise RuntimeError(f"{h.name} exited with code {h.proc.returncode if h.proc else '?'}; "
-                                   f"see {run.run_dir / 'logs' / (h.name + '.log')}")
-        if time.monotonic() > deadline:
-            raise TimeoutError("workers did not connect")
-        await asyncio.sleep(0.3)
-    try:
+    kill = dict(k.split("@") for k in args.kill_worker or [])
+    async with OperatorClient(coord_addr, ChannelConfig(tls_dir=run.run_dir / "pki", identity="operator")) as op:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not {h.name for h in run.hospitals} <= await op.connected():
+            for h in run.hospitals:
+                if not h.alive:
+                    raise RuntimeError(f"{h.name} exited with code {h.proc.returncode if h.proc else '?'}; "
+                                       f"see {run.run_dir / 'logs' / (h.name + '.log')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("workers did not connect")
+            await asyncio.sleep(0.3)
         for r in range(1, args.rounds + 1):
             victims = [h for h in run.hospitals if kill.get(h.name) == str(r) and h.alive]
             for h in victims:  # frozen before the round starts, killed once it has: a worker lost mid-round
                 assert h.proc is not None
                 os.killpg(h.proc.pid, signal.SIGSTOP)
-            watch = stub.WatchRounds(pb.WatchRoundsRequest())
+
+            async def kill_victims(started: pb.StartRoundResponse, victims: list[Hospital] = victims) -> None:
+                for h in victims:
+                    assert h.proc is not None
+                    await asyncio.sleep(0.5)
+                    os.killpg(h.proc.pid, signal.SIGKILL)
+                    h.proc.wait()
+                    print(f"  (killed {h.name} during round {started.round}, as --kill-worker asked)")
+
             start = time.monotonic()
-            started = await stub.StartRound(pb.StartRoundRequest(config=config_to_proto(run.config),
-                                                                 deadline_seconds=args.round_deadline))
-            for h in victims:
-                assert h.proc is not None
-                await asyncio.sleep(0.5)
-                os.killpg(h.proc.pid, signal.SIGKILL)
-                h.proc.wait()
-                print(f"  (killed {h.name} during round {r}, as --kill-worker asked)")
-            closed = None
-            async for ev in watch:
-                if ev.WhichOneof("event") == "closed" and ev.closed.round == started.round:
-                    closed = ev.closed
-                    break
-            watch.cancel()
-            assert closed is not None
+            started, closed = await op.run_round(run.config, args.round_deadline, after_start=kill_victims)
             seconds = time.monotonic() - start
-            aggregated = closed.outcome == pb.ROUND_OUTCOME_AGGREGATED
-            if aggregated:  # every live worker fetches, verifies and evaluates the new global adapter
+            if closed.outcome == pb.ROUND_OUTCOME_AGGREGATED:  # live workers fetch, verify and evaluate it
                 await wait_for(evaluated(run.hospitals, started.round), args.round_deadline, f"round {r} evaluations")
             for h in victims:  # it comes back and joins the next round
                 h.restarts += 1
                 h.start()
-            if victims:
-                await wait_for_connected(stub, [h.name for h in victims], READY_TIMEOUT_S)
+            await op.wait_connected([h.name for h in victims], READY_TIMEOUT_S)
             run.rounds.append(round_record(run, started.round, closed, seconds, time.monotonic() - start))
             print_round(run.rounds[-1], args.rounds)
-        await stub.FinishFederation(pb.FinishFederationRequest())
-    finally:
-        await channel.close()
-
-
-async def wait_for_connected(stub, names: Sequence[str], timeout: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await stub.GetStatus(pb.GetStatusRequest())
-        if set(names) <= {w.worker_id for w in status.workers if w.connected}:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{', '.join(names)} did not reconnect")
-        await asyncio.sleep(0.3)
+        await op.finish()
 
 
 def round_record(run: Run, round_: int, closed: pb.RoundClosed, seconds: float, total: float) -> dict[str, Any]:

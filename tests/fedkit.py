@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from common.config import ChannelConfig, ServerConfig
-from common.messages import TrainingConfig, config_to_proto
+from common.messages import TrainingConfig
 from common.models import load_model
-from common.rpc import RunningServer, make_channel, start_server
+from common.rpc import RunningServer, start_server
 from common.stages import NodeWeights
 from common.updates import ConsortiumKey
 from coordinator.__main__ import SERVICE as COORDINATOR
+from coordinator.operator import OperatorClient
 from coordinator.service import CoordinatorServicer
 from coordinator.state import Federation, Settings
 from fedfhe.v1 import coordinator_pb2, coordinator_pb2_grpc, fhe_pb2_grpc
@@ -90,47 +90,15 @@ def make_worker(cfg: JoinConfig, key: ConsortiumKey, cls: type[FederatedWorker] 
     return cls(cfg, key, load_records(cfg.data, tok, 512), load_records(cfg.eval_data, tok, 512, cfg.eval_records))
 
 
-class Operator:
-    """Drives rounds over the RPC surface, as fedfhe-local and scripts/rounds.py do."""
+class Operator(OperatorClient):
+    """The operator over an insecure loopback channel (an anonymous caller is the operator there)."""
 
-    def __init__(self, address: str, channel: ChannelConfig | None = None) -> None:
-        self.channel = make_channel(address, channel or ChannelConfig(insecure=True))
-        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
-
-    async def wait_connected(self, names: Sequence[str], timeout: float = 60.0) -> None:
-        async def poll() -> None:
-            while True:
-                status = await self.stub.GetStatus(coordinator_pb2.GetStatusRequest())
-                if set(names) <= {w.worker_id for w in status.workers if w.connected}:
-                    return
-                await asyncio.sleep(0.05)
-        await asyncio.wait_for(poll(), timeout)
+    def __init__(self, address: str) -> None:
+        super().__init__(address, ChannelConfig(insecure=True))
 
     async def round(self, cfg: TrainingConfig = FAST, deadline: float = 0.0,
                     timeout: float = 120.0) -> coordinator_pb2.RoundClosed:
-        """Start a round and wait for its RoundClosed event."""
-        watch = self.stub.WatchRounds(coordinator_pb2.WatchRoundsRequest())
-        started = await self.stub.StartRound(coordinator_pb2.StartRoundRequest(
-            config=config_to_proto(cfg), deadline_seconds=deadline))
-
-        async def closed() -> coordinator_pb2.RoundClosed:
-            async for ev in watch:
-                if ev.WhichOneof("event") == "closed" and ev.closed.round == started.round:
-                    return ev.closed
-            raise AssertionError("watch ended before the round closed")
-        try:
-            return await asyncio.wait_for(closed(), timeout)
-        finally:
-            watch.cancel()
-
-    async def finish(self) -> None:
-        await self.stub.FinishFederation(coordinator_pb2.FinishFederationRequest())
-
-    async def status(self) -> coordinator_pb2.GetStatusResponse:
-        return await self.stub.GetStatus(coordinator_pb2.GetStatusRequest())
-
-    async def close(self) -> None:
-        await self.channel.close()
+        return (await self.run_round(cfg, deadline, timeout))[1]
 
 
 def is_status(exc: BaseException, code: grpc.StatusCode) -> bool:
