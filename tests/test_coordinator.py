@@ -303,3 +303,35 @@ def test_insecure_coordinator_refuses_non_loopback() -> None:
 
     with pytest.raises(ConfigError, match="non-loopback"):
         ServerConfig(insecure=True, listen="0.0.0.0:0").validate()
+
+
+async def run_script(*args: str) -> tuple[int, str]:
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "rounds.py"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={"COLUMNS": "200", "PATH": ""})
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_rounds_script_starts_watches_and_finishes(federation) -> None:
+    running, fed, op, add = federation
+    a, b = await add("a"), await add("b")
+    await op.wait_connected(["a", "b"])
+    base = ["--insecure", "--coordinator", running.address]
+    code, out = await run_script(*base, "start", "--local-steps", "2", "--lora-targets", "q,v")
+    assert code == 0 and "round 1 started for a, b" in out, out
+    assert (await a.next_event("started")).started.config.local_steps == 2
+    await a.submit(1)
+    await b.submit(1)
+    await a.next_event("closed")
+    code, out = await run_script(*base, "status")
+    assert code == 0 and "aggregated" in out and "fed-test" in out, out
+    code, out = await run_script(*base, "start", "--batch-size", "0")
+    assert code != 0 and "batch_size" in out  # refused before anything is sent
+    code, out = await run_script(*base, "finish")
+    assert code == 0 and "finished after round 1" in out, out
+    assert (await a.next_event("finished")).finished.last_round == 1
+    assert fed.finished

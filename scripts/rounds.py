@@ -1,0 +1,127 @@
+"""Start, watch and stop federated rounds against a running coordinator, as the federation's operator.
+
+    python scripts/rounds.py --coordinator HOST:PORT --tls-dir DIR status
+    python scripts/rounds.py --coordinator HOST:PORT --tls-dir DIR run --rounds 3 --local-steps 10
+    python scripts/rounds.py --coordinator HOST:PORT --tls-dir DIR start      # one round, do not wait
+    python scripts/rounds.py --coordinator HOST:PORT --tls-dir DIR watch      # print events until finished
+    python scripts/rounds.py --coordinator HOST:PORT --tls-dir DIR finish     # workers exit cleanly
+
+Over mTLS it presents DIR/operator.pem (fedfhe-certs makes it); the coordinator
+refuses round control to any other certificate. `--insecure` works on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from common.config import ChannelConfig  # noqa: E402
+from common.errors import FedfheError  # noqa: E402
+from common.messages import TrainingConfig  # noqa: E402
+from coordinator.operator import OperatorClient  # noqa: E402
+from fedfhe.v1 import coordinator_pb2 as pb  # noqa: E402
+
+console = Console()
+
+
+def show_status(st: pb.GetStatusResponse) -> None:
+    console.print(f"federation [bold]{st.federation_id}[/] · round {st.current_round} · min workers "
+                  f"{st.min_workers} · keeps {st.keep_rounds} aggregates · buffers "
+                  f"{'locked' if st.buffers_locked else 'NOT locked'} in RAM · "
+                  f"{st.buffer_bytes_total / 1e6:.2f} MB held{' · finished' if st.finished else ''}")
+    workers = Table("worker", "connected", "records", "last round", "ε spent", "note", title="workers")
+    for w in st.workers:
+        eps = "no DP" if w.no_dp or math.isinf(w.epsilon) else f"{w.epsilon:.3f}"
+        workers.add_row(w.worker_id, "yes" if w.connected else "no", str(w.num_records), str(w.last_round), eps,
+                        w.declined)
+    console.print(workers)
+    rounds = Table("round", "state", "participants", "eligible", "seconds", "received", "buffer", "reason",
+                   title="rounds")
+    for r in st.rounds:
+        rounds.add_row(str(r.round), r.state, ", ".join(p.worker_id for p in r.participants),
+                       ", ".join(r.eligible), f"{r.seconds:.1f}", f"{r.bytes_received / 1e6:.2f} MB",
+                       f"{r.buffer_bytes / 1e6:.2f} MB", r.reason)
+    console.print(rounds)
+
+
+def describe(ev: pb.WatchRoundsResponse) -> str:
+    kind = ev.WhichOneof("event")
+    if kind == "started":
+        return f"round {ev.started.round} started (base round {ev.started.base_round})"
+    if kind == "closed":
+        c = ev.closed
+        outcome = "aggregated" if c.outcome == pb.ROUND_OUTCOME_AGGREGATED else "FAILED"
+        eps = ", ".join(f"{p.worker_id} {'no-DP' if p.no_dp else f'ε {p.epsilon:.2f}'}" for p in c.participants)
+        return f"round {c.round} {outcome}: {c.total_samples} samples from [{eps}] — {c.reason}"
+    return f"federation finished after round {ev.finished.last_round}"
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    channel = ChannelConfig(insecure=args.insecure, tls_dir=args.tls_dir, identity=args.identity)
+    cfg = TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)
+                            if getattr(args, f.name, None) is not None}).validate()
+    async with OperatorClient(args.coordinator, channel) as op:
+        if args.command == "status":
+            show_status(await op.status())
+        elif args.command == "start":
+            started = await op.start_round(cfg, args.deadline)
+            console.print(f"round {started.round} started for {', '.join(started.eligible)}")
+        elif args.command == "watch":
+            async for ev in op.watch():
+                console.print(describe(ev))
+        elif args.command == "finish":
+            console.print(f"finished after round {await op.finish()}")
+        elif args.command == "run":
+            if args.wait_for:
+                await op.wait_connected(args.wait_for.split(","), timeout=args.deadline or 600)
+            for _ in range(args.rounds):
+                started, closed = await op.run_round(cfg, args.deadline)
+                console.print(describe(pb.WatchRoundsResponse(closed=closed)))
+            if args.finish:
+                console.print(f"finished after round {await op.finish()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p.add_argument("--tls-dir", type=Path, help="directory made by fedfhe-certs (with operator.pem/.key)")
+    p.add_argument("--identity", default="operator", help="certificate name in --tls-dir")
+    p.add_argument("--insecure", action="store_true", help="plaintext, loopback coordinators only")
+    p.add_argument("command", choices=["status", "start", "watch", "finish", "run"])
+    p.add_argument("--rounds", type=int, default=1, help="run: how many rounds")
+    p.add_argument("--finish", action="store_true", help="run: finish the federation afterwards")
+    p.add_argument("--wait-for", help="run: comma-separated workers to wait for first")
+    p.add_argument("--deadline", type=float, default=0.0, help="seconds per round (0: the coordinator's default)")
+    defaults = TrainingConfig()
+    for f in fields(TrainingConfig):
+        kind = type(getattr(defaults, f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                       type=(lambda s: tuple(s.split(","))) if kind is tuple else
+                       (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind,
+                       help=f"round setting (default {getattr(defaults, f.name)})")
+    args = p.parse_args(argv)
+    if not args.insecure and args.tls_dir is None:
+        p.error("--tls-dir is required unless --insecure")
+    try:
+        return asyncio.run(main_async(args))
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+        return 1
+    except FedfheError as exc:  # a round setting no worker could train with
+        console.print(f"[red]refused[/]: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
