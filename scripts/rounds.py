@@ -21,15 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import grpc
+from rich.console import Console
+from rich.table import Table
 
-from common.config import ChannelConfig  # noqa: E402
-from common.errors import FedfheError  # noqa: E402
-from common.messages import TrainingConfig  # noqa: E402
-from coordinator.operator import OperatorClient  # noqa: E402
-from fedfhe.v1 import coordinator_pb2 as pb  # noqa: E402
+from common.config import ChannelConfig
+from common.errors import FedfheError
+from common.messages import TrainingConfig
+from coordinator.operator import OperatorClient
+from fedfhe.v1 import coordinator_pb2 as pb
 
 console = Console()
 
