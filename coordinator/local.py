@@ -181,7 +181,9 @@ async def drive(run: Run, coord_addr: str) -> None:
                 assert h.proc is not None
                 os.killpg(h.proc.pid, signal.SIGSTOP)
 
-            async def kill_victims(started: pb.StartRoundResponse, victims: list[Hospital] = victims) -> None:
+            async def on_started(started: pb.StartRoundResponse, victims: list[Hospital] = victims) -> None:
+                print(f"round {started.round}/{args.rounds} started: {', '.join(started.eligible)} training …",
+                      flush=True)
                 for h in victims:
                     assert h.proc is not None
                     await asyncio.sleep(0.5)
@@ -190,7 +192,7 @@ async def drive(run: Run, coord_addr: str) -> None:
                     print(f"  (killed {h.name} during round {started.round}, as --kill-worker asked)")
 
             start = time.monotonic()
-            started, closed = await op.run_round(run.config, args.round_deadline, after_start=kill_victims)
+            started, closed = await op.run_round(run.config, args.round_deadline, after_start=on_started)
             seconds = time.monotonic() - start
             if closed.outcome == pb.ROUND_OUTCOME_AGGREGATED:  # live workers fetch, verify and evaluate it
                 await wait_for(evaluated(run.hospitals, started.round), args.round_deadline, f"round {r} evaluations")

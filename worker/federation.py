@@ -40,6 +40,7 @@ from common.messages import (
     layout_from_proto,
     layout_to_proto,
 )
+from common.progress import progress_bar
 from common.rpc import make_channel
 from common.updates import ConsortiumKey, UpdateCryptoError, decrypt_aggregate, encrypt_update
 from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -160,6 +161,13 @@ class FederatedWorker:
         self.runtime = self.runtime_factory(self.cfg.mode, self.cfg.model, by_name(self.cfg.param_set), lora,
                                             fhe_target=self.cfg.fhe, channel=self.cfg)
         self.lora = lora
+        client = self.runtime.client
+        if client is not None:  # every hint in one stream up front: the first steps do not stall on them
+            start = time.perf_counter()
+            with progress_bar("hints", client.hint_count, self.cfg.progress) as update:
+                client.prefetch_hints(progress=update)
+            log.info("hints fetched", count=client.hint_count, bytes=client.bytes_down,
+                     seconds=round(time.perf_counter() - start, 2))
         self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id,
                                ledger=self.cfg.privacy_ledger)
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
@@ -246,7 +254,8 @@ class FederatedWorker:
             self.metric("declined", round=r, reason=why, epsilon=self.trainer.epsilon)
             return
         fhe_before = runtime.client.bytes_up if runtime.client else 0
-        result = await asyncio.to_thread(self.trainer.train_round, cfg)
+        with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
+            result = await asyncio.to_thread(self.trainer.train_round, cfg, update)
         fhe_up = (runtime.client.bytes_up if runtime.client else 0) - fhe_before
         fields = {"round": r, "train_loss": result.train_loss, "epsilon": result.epsilon, "no_dp": not self.dp.enabled,
                   "noise_multiplier": self.trainer.noise_multiplier, "delta": self.trainer.delta,

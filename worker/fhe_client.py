@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,7 +24,7 @@ from common.lwe.params import LweParams
 from common.lwe.prg import new_seed
 from common.messages import PARAM_SET_VALUES, key_to_proto
 from common.rpc import make_channel
-from common.stages import WeightKey
+from common.stages import Direction, Stage, WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from worker.linears import StageMeta
 
@@ -105,8 +105,8 @@ class FheClient:
         """W·B for ciphertexts B (d_in, T); blocks until the node answers."""
         return self._run(self._evaluate(key, b))
 
-    async def _fetch_hints(self, keys: list[WeightKey]) -> None:
-        header, asm = None, None
+    async def _fetch_hints(self, keys: list[WeightKey], progress: Callable[[int], None] | None = None) -> None:
+        header, asm, done = None, None, 0
         request = fhe_pb2.GetHintRequest(seed=self.seed, param_set=PARAM_SET_VALUES[self.params.name],
                                          model_id=self.model_id, keys=[key_to_proto(k) for k in keys])
         async for resp in self._stub.GetHint(request):
@@ -122,10 +122,20 @@ class FheClient:
                 key = WeightKey(header.key.layer, header.key.stage, header.key.direction)
                 meta = StageMeta(header.act_bits, header.delta_bits, header.rows, header.cols, scales)
                 self._hints[key] = (meta, h)
+                done += 1
+                if progress is not None:
+                    progress(done)
 
-    def prefetch_hints(self, keys: list[WeightKey] | None = None) -> None:
-        """Download hints (all of the model's when keys is None) in one stream."""
-        self._run(self._fetch_hints(keys or []))
+    @property
+    def hint_count(self) -> int:
+        """Hints of the whole model: every stage of every layer, both directions."""
+        assert self.model_info is not None
+        return self.model_info.num_layers * len(Stage) * len(Direction)
+
+    def prefetch_hints(self, keys: list[WeightKey] | None = None, progress: Callable[[int], None] | None = None,
+                       ) -> None:
+        """Download hints (all of the model's when keys is None) in one stream; progress(done) after each."""
+        self._run(self._fetch_hints(keys or [], progress))
 
     def hint(self, key: WeightKey) -> tuple[StageMeta, np.ndarray]:
         if key not in self._hints:
