@@ -6,7 +6,7 @@ ChunkError to INVALID_ARGUMENT, PayloadTooLarge to RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from common.errors import InvalidArgument, ResourceExhausted
 
@@ -31,17 +31,27 @@ def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple
 
 
 class Assembler:
-    """Reassembles one payload from chunks that must arrive in order: 0, 1, …, count−1."""
+    """Reassembles one payload from chunks that must arrive in order: 0, 1, …, count−1.
 
-    def __init__(self, max_bytes: int) -> None:
+    With `sink`, each chunk is handed to sink(offset, data) instead of being kept
+    (the coordinator writes updates straight into a locked scratch buffer).
+    """
+
+    def __init__(self, max_bytes: int, sink: Callable[[int, bytes], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self._parts: list[bytes] = []
+        self._seen = 0
         self._count: int | None = None
         self._size = 0
+        self._sink = sink
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def complete(self) -> bool:
-        return self._count is not None and len(self._parts) == self._count
+        return self._count is not None and self._seen == self._count
 
     def add(self, index: int, count: int, data: bytes) -> bool:
         """Add the next chunk; returns True when the payload is complete."""
@@ -53,15 +63,21 @@ class Assembler:
             raise ChunkError(f"chunk count changed from {self._count} to {count}")
         if self.complete:
             raise ChunkError(f"chunk {index} arrived after all {count} chunks")
-        if index != len(self._parts):
-            raise ChunkError(f"expected chunk {len(self._parts)} of {count}, got chunk {index}")
-        self._size += len(data)
-        if self._size > self.max_bytes:
+        if index != self._seen:
+            raise ChunkError(f"expected chunk {self._seen} of {count}, got chunk {index}")
+        if self._size + len(data) > self.max_bytes:
             raise PayloadTooLarge(f"payload exceeds {self.max_bytes} bytes")
-        self._parts.append(bytes(data))
+        if self._sink is not None:
+            self._sink(self._size, data)
+        else:
+            self._parts.append(bytes(data))
+        self._size += len(data)
+        self._seen += 1
         return self.complete
 
     def payload(self) -> bytes:
         if not self.complete:
-            raise ChunkError(f"payload incomplete: {len(self._parts)} of {self._count} chunks")
+            raise ChunkError(f"payload incomplete: {self._seen} of {self._count} chunks")
+        if self._sink is not None:
+            raise ChunkError("this payload went to a sink")
         return b"".join(self._parts)

@@ -24,9 +24,13 @@ like the data, so after pad removal Σ_k t_k ≡ tag(Σ_k m_k, Σ_k n_k) (mod p_
 A change e ≠ 0 to the decrypted integers (|e_i| < 2^64) is non-zero modulo at
 least one p_j (their product exceeds 2^64), where each of its two tags misses
 it with probability 1/p_j: a forgery succeeds with probability below 2^-61.
-Changing the participant list or the sample total breaks the pads or the
-r_0 term alike. A key check value (HKDF of K under its own label) makes a
-wrong key a clear error instead of a silently garbled adapter.
+Changing the sample total breaks the r_0 term; adding, renaming or dropping a
+participant leaves pads unremoved; renaming or reshaping a tensor changes the
+secret vectors. What the tag cannot stop: the coordinator holds each c_k, so
+it can serve any subset of the round's contributions (one alone, even), which
+the worker answers with a floor on the number of participants it opens.
+A key check value (HKDF of K under its own label) makes a wrong key a clear
+error instead of a silently garbled adapter.
 
 Everything here is protocol-free; failures raise UpdateCryptoError subclasses.
 """
@@ -59,6 +63,8 @@ TAG_PRIMES = (2147483647, 2147483629, 2147483587)  # product > 2^64: see the mod
 TAGS_PER_PRIME = 2
 TAG_NAME = "fedfhe.tag"  # the reserved last tensor of every payload
 TAG_WORDS = len(TAG_PRIMES) * TAGS_PER_PRIME
+UPDATE, RESTORE = "update", "restore"
+KINDS = (UPDATE, RESTORE)
 KEY_FILE_HEADER = "# fedfhe consortium update key v1: shared by the hospitals only; keep this file 0600"
 
 
@@ -120,7 +126,7 @@ class ConsortiumKey:
 
 def write_key_file(path: Path, key: ConsortiumKey, *, force: bool = False) -> None:
     """Write the key to a new file that is 0600 from its first byte; refuse to replace one unless force."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
@@ -139,6 +145,8 @@ def load_key_file(path: Path) -> ConsortiumKey:
         st = os.stat(path)
     except FileNotFoundError:
         raise KeyFileError(f"consortium key file {path} does not exist (make one with fedfhe-keygen)") from None
+    if st.st_uid != os.getuid():
+        raise KeyFileError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()})")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path} is readable by group or others (mode {st.st_mode & 0o777:o}): chmod 600 it")
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
@@ -215,22 +223,30 @@ def _keystream_words(key: bytes, words: int) -> np.ndarray:
     return np.frombuffer(enc.update(bytes(8 * words)), dtype="<u8").astype(np.uint64)
 
 
-def _pads(key: ConsortiumKey, federation: str, round_: int, worker: str, nonce: bytes,
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _pads(key: ConsortiumKey, kind: str, federation: str, round_: int, worker: str, nonce: bytes,
           layout: TensorLayout) -> np.ndarray:
-    """A contribution's pad for the whole payload: one keystream per tensor, bound to its name."""
+    """A contribution's pad for the whole payload: one keystream per tensor, bound to its name and shape."""
     return np.concatenate([
-        _keystream_words(key.derive(b"update-pad" + _bind(federation, round_, worker, nonce, name)),
-                         int(np.prod(shape)))
+        _keystream_words(key.derive(kind.encode() + b"-pad" + _bind(federation, round_, worker, nonce, name,
+                                                                     _shape(shape))), int(np.prod(shape)))
         for name, shape in layout.specs])
 
 
-def _tag_vectors(key: ConsortiumKey, federation: str, round_: int, layout: TensorLayout) -> list[np.ndarray]:
-    """Secret r_j,l (entry 0 for the sample count), uniform mod p_j, shared by the round's participants."""
-    names = _bind(*(n for n, _ in layout.specs))
+def _tag_vectors(key: ConsortiumKey, kind: str, federation: str, round_: int,
+                 layout: TensorLayout) -> list[np.ndarray]:
+    """Secret r_j,l (entry 0 for the sample count), uniform mod p_j, shared by the round's participants.
+
+    They depend on the names and shapes of the tensors, so a header that renames or reshapes them fails.
+    """
+    specs = hashlib.sha256(_bind(*(f"{n}:{_shape(s)}" for n, s in layout.specs))).digest()
     out = []
     for j, p in enumerate(TAG_PRIMES):
         for ell in range(TAGS_PER_PRIME):
-            sub = key.derive(b"update-tag" + _bind(federation, round_, j, ell) + hashlib.sha256(names).digest())
+            sub = key.derive(kind.encode() + b"-tag" + _bind(federation, round_, j, ell) + specs)
             out.append(_keystream_words(sub, layout.data_words + 1) % np.uint64(p))
     return out
 
@@ -275,8 +291,16 @@ class EncryptedUpdate:
 
 
 def encrypt_update(key: ConsortiumKey, federation: str, round_: int, worker: str,
-                   tensors: Mapping[str, np.ndarray], num_samples: int) -> EncryptedUpdate:
-    """Encrypt num_samples · tensors for one round: fixed point, tag, pads under a fresh nonce."""
+                   tensors: Mapping[str, np.ndarray], num_samples: int, *, kind: str = UPDATE) -> EncryptedUpdate:
+    """Encrypt num_samples · tensors for one round: fixed point, tag, pads under a fresh nonce.
+
+    kind UPDATE is a round's contribution; RESTORE re-seeds a restarted coordinator with a global adapter
+    (weight 1). The two are keyed apart, so a single worker's update can never pass for a restored aggregate.
+    """
+    if kind not in KINDS:
+        raise UpdateFormatError(f"unknown update kind {kind!r}")
+    if kind == RESTORE and num_samples != 1:
+        raise UpdateFormatError("a restored aggregate has weight 1")
     if num_samples < 1:
         raise UpdateFormatError(f"an update needs at least one sample, got {num_samples}")
     if TAG_NAME in tensors:
@@ -284,15 +308,15 @@ def encrypt_update(key: ConsortiumKey, federation: str, round_: int, worker: str
     layout = TensorLayout.of(tensors)
     m = np.concatenate([to_fixed(np.ravel(tensors[name]), num_samples) for name, _ in layout.specs[:-1]]
                        or [np.zeros(0, np.int64)])
-    tags = _tags(m, num_samples, _tag_vectors(key, federation, round_, layout))
+    tags = _tags(m, num_samples, _tag_vectors(key, kind, federation, round_, layout))
     words = np.concatenate([m.astype(np.uint64), tags])
     nonce = os.urandom(NONCE_BYTES)
     with np.errstate(over="ignore"):
-        words += _pads(key, federation, round_, worker, nonce, layout)
+        words += _pads(key, kind, federation, round_, worker, nonce, layout)
     return EncryptedUpdate(layout, words.astype("<u8").tobytes(), nonce)
 
 
-def add_payload(acc: np.ndarray, payload: bytes | memoryview) -> None:
+def add_payload(acc: np.ndarray, payload: bytes | memoryview | np.ndarray) -> None:
     """acc += payload (uint64 words mod 2^64), in place: the coordinator's whole share of the work."""
     words = np.frombuffer(payload, dtype="<u8")
     if words.shape != acc.shape:
@@ -310,14 +334,24 @@ class Contribution:
 
 
 def decrypt_aggregate(key: ConsortiumKey, federation: str, round_: int, participants: Sequence[Contribution],
-                      total_samples: int, layout: TensorLayout, payload: bytes,
-                      key_check_value: bytes) -> dict[str, np.ndarray]:
+                      total_samples: int, layout: TensorLayout, payload: bytes, key_check_value: bytes, *,
+                      kind: str = UPDATE, min_participants: int = 1) -> dict[str, np.ndarray]:
     """The sample-weighted mean Σ n_k·w_k / Σ n_k per tensor (float32), or an UpdateCryptoError.
 
     Nothing is returned unless the key check value matches and every tag verifies,
     so a caller that applies the result only on success never applies a partial
-    or tampered adapter.
+    or tampered adapter. The coordinator holds every single contribution, so it
+    could serve one alone as "the aggregate": min_participants is the reader's
+    floor against being shown one hospital's own update (a restored aggregate is
+    keyed as RESTORE and is a single contribution by design).
     """
+    if kind not in KINDS:
+        raise UpdateFormatError(f"unknown update kind {kind!r}")
+    if kind == UPDATE and len(participants) < min_participants:
+        raise TamperedAggregate(f"aggregate of round {round_} lists {len(participants)} participant(s); this "
+                                f"worker opens only aggregates of at least {min_participants}")
+    if kind == RESTORE and (len(participants) != 1 or total_samples != 1):
+        raise TamperedAggregate("a restored aggregate is one contribution of weight 1")
     if key_check_value != key.check_value():
         raise WrongConsortiumKey(
             f"the aggregate of round {round_} was made under consortium key {key_check_value.hex() or '(none)'}, "
@@ -333,9 +367,9 @@ def decrypt_aggregate(key: ConsortiumKey, federation: str, round_: int, particip
     words = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
     with np.errstate(over="ignore"):
         for p in participants:
-            words -= _pads(key, federation, round_, p.worker_id, p.nonce, layout)
+            words -= _pads(key, kind, federation, round_, p.worker_id, p.nonce, layout)
     m = words[:-TAG_WORDS].view(np.int64)
-    want = _tags(m, total_samples, _tag_vectors(key, federation, round_, layout))
+    want = _tags(m, total_samples, _tag_vectors(key, kind, federation, round_, layout))
     got = np.array([int(t) % TAG_PRIMES[i // TAGS_PER_PRIME] for i, t in enumerate(words[-TAG_WORDS:])],
                    dtype=np.uint64)
     if not np.array_equal(want, got):

@@ -44,9 +44,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"local_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lora_rank": 8, "lora_alpha": 16.0,
              "lora_targets": "q,v,o,gate,down", "max_seq_len": 64, "records": 160, "eval_records": 16,
              "param_set": "exact", "modes": "fhe,local,local", "round_deadline": 300.0},
-    "smollm2-135m": {"local_steps": 3, "batch_size": 4, "learning_rate": 2e-3, "lora_rank": 8, "lora_alpha": 16.0,
+    "smollm2-135m": {"local_steps": 3, "batch_size": 4, "learning_rate": 3e-2, "lora_rank": 8, "lora_alpha": 16.0,
                      "lora_targets": "q,v", "max_seq_len": 48, "records": 40, "eval_records": 6,
-                     "param_set": "compact", "modes": "fhe,local", "round_deadline": 1200.0},
+                     "param_set": "compact", "modes": "fhe,local,local", "round_deadline": 1200.0},
 }
 
 
@@ -76,7 +76,10 @@ def wait_for_address(proc: subprocess.Popen, log_file: Path, timeout: float = RE
             raise RuntimeError(f"{log_file.stem} exited with code {proc.returncode}; see {log_file}")
         if log_file.exists():
             for line in log_file.read_text().splitlines():
-                event = json.loads(line)
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:  # a line still being written
+                    continue
                 if event.get("event") == "serving":
                     return str(event["address"]).replace("127.0.0.1", "localhost")  # the certificate's SAN
         time.sleep(0.2)
@@ -342,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model)
             procs.append(node)
         coord, coord_log = _service("coordinator", run_dir, "coordinator", "--min-workers", str(args.min_workers),
+                                    "--federation-id", f"local-{run_dir.name}"[:64],
                                     "--round-deadline", str(args.round_deadline),
                                     "--key-check-value", key.check_value().hex())
         procs.append(coord)
@@ -359,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "--max-grad-norm", str(args.max_grad_norm),
                    "--metrics-file", str(run_dir / "metrics" / f"{name}.jsonl"),
                    "--privacy-ledger", str(run_dir / "state" / f"{name}.privacy.json"),
+                   "--min-aggregate", str(min(2, args.min_workers)),
                    "--log-file", str(run_dir / "logs" / f"{name}.log"), "--reconnect-seconds", "60"]
             if mode == "fhe":
                 cmd += ["--fhe", node_addr]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import mmap
 import os
 import resource
@@ -63,20 +64,38 @@ class PatchBuffer:
                 raise MlockRefused(why)
             log.warning("patch buffer not locked in RAM", reason=why)
 
-    def add(self, payload: bytes | memoryview) -> None:
-        """Add a payload's uint64 words into the buffer, mod 2^64 (no view of the mapping outlives the call)."""
+    def _live(self) -> mmap.mmap:
         if self._mm is None:
             raise NotFound("patch buffer was evicted")
-        view = np.frombuffer(self._mm, dtype=np.uint64)
+        return self._mm
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy bytes in at offset (assembling an incoming update in place)."""
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset} exceeds the {self.size}-byte buffer")
+        self._live()[offset:offset + len(data)] = data
+
+    def add(self, payload: bytes | PatchBuffer) -> None:
+        """Add uint64 words (bytes, or another buffer's content) into this one, mod 2^64.
+
+        No numpy view of either mapping outlives the call, so both can still be closed.
+        """
+        view = np.frombuffer(self._live(), dtype=np.uint64)
+        other = np.frombuffer(payload._live(), dtype=np.uint8) if isinstance(payload, PatchBuffer) else payload
         try:
-            add_payload(view, payload)
+            add_payload(view, other)
         finally:
-            del view
+            del view, other
 
     def read(self, start: int = 0, end: int | None = None) -> bytes:
-        if self._mm is None:
-            raise NotFound("patch buffer was evicted")
-        return self._mm[start:end]
+        return self._live()[start:end]
+
+    def digest(self) -> bytes:
+        """SHA-256 of the content, hashed in place."""
+        h = hashlib.sha256()
+        for start in range(0, self.size, 1 << 20):
+            h.update(self._live()[start:start + (1 << 20)])
+        return h.digest()
 
     @property
     def closed(self) -> bool:
@@ -93,7 +112,8 @@ class PatchBuffer:
         self._mm = None
 
     def __del__(self) -> None:
-        self.close()
+        if getattr(self, "_mm", None) is not None:  # __init__ may have failed before mapping
+            self.close()
 
 
 class PatchStore:

@@ -10,12 +10,13 @@ from typing import TypeVar
 import grpc
 import structlog
 
-from common.chunks import Assembler, split
+from common.chunks import Assembler
 from common.errors import FedfheError, InvalidArgument, PermissionDenied
 from common.messages import config_from_proto, layout_to_proto
 from common.rpc import abort_with
 from common.tls import peer_identity
 from common.updates import TensorLayout
+from coordinator.patchbuf import PatchBuffer
 from coordinator.state import (
     Event,
     Federation,
@@ -116,14 +117,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         except FedfheError as exc:
             await abort_with(context, exc)
             return
+        size = patch.layout.size_bytes
         yield coordinator_pb2.GetPatchResponse(header=coordinator_pb2.PatchHeader(
             round=patch.round, participants=[participant_to_proto(p) for p in patch.participants],
-            total_samples=patch.total_samples, tensors=layout_to_proto(patch.layout),
-            size_bytes=len(patch.payload), federation_id=fed.federation_id,
-            key_check_value=patch.key_check_value, digest=hashlib.sha256(patch.payload).digest(),
+            total_samples=patch.total_samples, tensors=layout_to_proto(patch.layout), size_bytes=size,
+            federation_id=fed.federation_id, key_check_value=patch.key_check_value, digest=patch.digest,
             restored=patch.restored, config=patch.config))
-        for i, n, piece in split(patch.payload, CHUNK_BYTES):
-            yield coordinator_pb2.GetPatchResponse(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
+        count = max(1, -(-size // CHUNK_BYTES))
+        for i in range(count):  # read chunk by chunk: no whole copy of the aggregate on the heap
+            try:
+                piece = patch.buffer.read(i * CHUNK_BYTES, (i + 1) * CHUNK_BYTES)
+            except FedfheError as exc:  # evicted while streaming
+                await abort_with(context, exc)
+                return
+            yield coordinator_pb2.GetPatchResponse(chunk=common_pb2.Chunk(index=i, count=count, data=piece))
 
     async def _receive(self, request_iterator: AsyncIterator, header_kind: str) -> tuple[object, AsyncIterator]:
         iterator = request_iterator.__aiter__()
@@ -136,18 +143,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return first.header, iterator
 
     @staticmethod
-    async def _payload(iterator: AsyncIterator, layout: TensorLayout, digest: bytes) -> bytes:
-        asm = Assembler(layout.size_bytes)
+    async def _payload(iterator: AsyncIterator, layout: TensorLayout, digest: bytes, scratch: PatchBuffer) -> None:
+        """Write the chunks straight into a locked, undumpable scratch buffer and check their digest."""
+        h = hashlib.sha256()
+
+        def sink(offset: int, data: bytes) -> None:
+            scratch.write(offset, data)
+            h.update(data)
+        asm = Assembler(layout.size_bytes, sink)
         async for msg in iterator:
             if msg.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("only chunks may follow the header")
             asm.add(msg.chunk.index, msg.chunk.count, msg.chunk.data)
-        payload = asm.payload()
-        if len(payload) != layout.size_bytes:
-            raise InvalidArgument(f"payload is {len(payload)} bytes, the header says {layout.size_bytes}")
-        if hashlib.sha256(payload).digest() != digest:
+        if not asm.complete or asm.size != layout.size_bytes:
+            raise InvalidArgument(f"payload is {asm.size} bytes, the header says {layout.size_bytes}")
+        if h.digest() != digest:
             raise InvalidArgument("payload digest does not match the header's SHA-256")
-        return payload
 
     @staticmethod
     def _claim(h: coordinator_pb2.UpdateHeader | coordinator_pb2.RestoreHeader, num_samples: int, epsilon: float,
@@ -159,22 +170,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def SubmitUpdate(self, request_iterator: AsyncIterator[coordinator_pb2.SubmitUpdateRequest],
                            context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitUpdateResponse:
         fed = self.federation
-        name, claim, done = "", None, False
+        name, claim, reserved, scratch = "", None, False, None
         try:
             h, iterator = await self._receive(request_iterator, "UpdateHeader")
             assert isinstance(h, coordinator_pb2.UpdateHeader)
             name, _ = self._caller(context, h.worker_id, "worker")
             claim = self._claim(h, h.num_samples, h.epsilon_spent, h.no_dp)
             layout = fed.begin_update(name, claim)
-            payload = await self._payload(iterator, layout, h.digest)
-            done = True
-            fed.finish_update(name, claim, layout, payload)
+            reserved = True  # from here on the slot is ours to free if anything fails
+            scratch = PatchBuffer(layout.size_bytes, require_mlock=fed.settings.require_mlock)
+            await self._payload(iterator, layout, h.digest, scratch)
+            reserved = False
+            fed.finish_update(name, claim, layout, scratch)
             return coordinator_pb2.SubmitUpdateResponse(round=claim.round, accepted=True)
         except FedfheError as exc:
             await abort_with(context, exc)
             raise AssertionError("unreachable") from exc
         finally:
-            if claim is not None and not done:
+            if scratch is not None:
+                scratch.close()  # zeroed: a single contribution never outlives its addition
+            if reserved and claim is not None:
                 fed.abandon_update(name, claim.round)
 
     async def DeclineRound(self, request: coordinator_pb2.DeclineRoundRequest,
@@ -205,19 +220,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def RestorePatch(self, request_iterator: AsyncIterator[coordinator_pb2.RestorePatchRequest],
                            context: grpc.aio.ServicerContext) -> coordinator_pb2.RestorePatchResponse:
         fed = self.federation
+        name, scratch = "", None
         try:
             h, iterator = await self._receive(request_iterator, "RestoreHeader")
             assert isinstance(h, coordinator_pb2.RestoreHeader)
             name, _ = self._caller(context, h.worker_id, "worker")
+            config_from_proto(h.config)  # a restored adapter must say how to rebuild it
             claim = self._claim(h, 1, 0.0, False)
             layout = fed.begin_restore(name, claim)
-            payload = await self._payload(iterator, layout, h.digest)
-            config_from_proto(h.config)  # a restored adapter must say how to rebuild it
-            fed.finish_restore(name, claim, layout, payload, h.config)
+            scratch = PatchBuffer(layout.size_bytes, require_mlock=fed.settings.require_mlock)
+            await self._payload(iterator, layout, h.digest, scratch)
+            fed.finish_restore(name, claim, layout, scratch, h.config)
             return coordinator_pb2.RestorePatchResponse(round=claim.round, accepted=True)
         except FedfheError as exc:
             await abort_with(context, exc)
             raise AssertionError("unreachable") from exc
+        finally:
+            if scratch is not None:
+                scratch.close()
+            if name:
+                fed.abandon_restore(name)
 
     async def GetStatus(self, request: coordinator_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.GetStatusResponse:

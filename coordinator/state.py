@@ -130,6 +130,7 @@ class Round:
     seconds: float = 0.0
     bytes_received: int = 0
     restored: bool = False
+    digest: bytes = b""  # SHA-256 of the stored aggregate, fixed when the round closes
     timer: asyncio.TimerHandle | None = None
 
     @property
@@ -143,13 +144,14 @@ class Round:
 
 @dataclass(frozen=True)
 class Patch:
-    """A stored aggregate as GetPatch serves it."""
+    """A stored aggregate as GetPatch serves it (read from its buffer chunk by chunk)."""
 
     round: int
     participants: tuple[ParticipantInfo, ...]
     total_samples: int
     layout: TensorLayout
-    payload: bytes
+    buffer: PatchBuffer
+    digest: bytes
     key_check_value: bytes
     restored: bool
     config: Any
@@ -181,6 +183,7 @@ class Federation:
         self.rounds: dict[int, Round] = {}
         self.store = PatchStore(self.settings.keep_rounds)
         self.finished = False
+        self._restoring: set[str] = set()
         self._observers: list[asyncio.Queue[Event]] = []
         self._clock = clock
 
@@ -364,10 +367,12 @@ class Federation:
     def abandon_update(self, worker: str, round_: int) -> None:
         """The payload stream broke or failed its checks: free the slot (nothing was added)."""
         rnd = self.rounds.get(round_)
-        if rnd is not None:
+        if rnd is not None and worker in rnd.receiving:
             rnd.receiving.discard(worker)
+            self._maybe_close(rnd)  # it may have been the last one the round waited for
 
-    def finish_update(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes) -> None:
+    def finish_update(self, worker: str, claim: UpdateClaim, layout: TensorLayout,
+                      payload: bytes | PatchBuffer) -> None:
         """Add a complete, digest-checked payload into the round's buffer; may close the round."""
         rnd = self.rounds.get(claim.round)
         if rnd is None or worker not in rnd.receiving:
@@ -382,14 +387,14 @@ class Federation:
             rnd.layout = layout
             rnd.buffer = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
         rnd.buffer.add(payload)
-        rnd.bytes_received += len(payload)
+        rnd.bytes_received += layout.size_bytes
         rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
                                                   claim.nonce)
         rnd.pending.discard(worker)
         w = self.workers[worker]
         w.last_round, w.epsilon, w.no_dp, w.declined = rnd.number, claim.epsilon, claim.no_dp, ""
         log.info("update added", round=rnd.number, worker=worker, samples=claim.num_samples,
-                 epsilon=claim.epsilon, bytes=len(payload))
+                 epsilon=claim.epsilon, bytes=layout.size_bytes)
         self._maybe_close(rnd)
 
     def decline(self, worker: str, round_: int, reason: str) -> None:
@@ -419,6 +424,7 @@ class Federation:
         how = "at the deadline" if deadline else "all connected eligible workers answered"
         if n >= self.settings.min_workers and rnd.buffer is not None:
             rnd.state, rnd.reason = "aggregated", f"{n} update(s), closed {how}"
+            rnd.digest = rnd.buffer.digest()
             for old in self.store.put(rnd.number, rnd.buffer):
                 self.rounds[old].state = "evicted"
         else:
@@ -455,32 +461,58 @@ class Federation:
         if rnd.state != "aggregated" or buf is None or rnd.layout is None:
             detail = f"it was evicted (the last {self.store.keep} are kept)" if rnd.state == "evicted" else rnd.reason
             raise NotFound(f"no aggregate for round {round_}: {detail}")
-        return Patch(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf.read(),
+        return Patch(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf, rnd.digest,
                      self.key_check_value, rnd.restored, rnd.config)
 
+    def _restorable(self, round_: int) -> bool:
+        """A fresh coordinator, or one holding only restored aggregates older than round_, and no new round."""
+        if not self.rounds:
+            return True
+        return all(r.restored for r in self.rounds.values()) and round_ > max(self.rounds)
+
     def begin_restore(self, worker: str, claim: UpdateClaim) -> TensorLayout:
-        """A worker offers the global adapter of a round after a restart left this coordinator empty."""
+        """A worker offers the global adapter of a round after a restart left this coordinator empty.
+
+        Until the next round starts, a newer restored round replaces an older one, so the worker holding
+        the most recent global adapter wins whatever the order in which workers reconnect.
+        """
         self.worker(worker)
-        if self.store.rounds() or self.rounds:
-            raise FailedPrecondition(f"this coordinator already holds rounds (newest {self.current_round}): "
-                                     "restoring is only for a fresh coordinator")
+        if self.finished:
+            raise FailedPrecondition("the federation is finished")
         if claim.round < 1:
             raise InvalidArgument("a restored aggregate belongs to a round >= 1")
-        return self._check_claim(claim, f"restore by {worker!r}")
+        if not self._restorable(claim.round):
+            raise FailedPrecondition(f"this coordinator already holds round {self.current_round}: restoring "
+                                     f"round {claim.round} would not move it forward")
+        if worker in self._restoring:
+            raise FailedPrecondition(f"worker {worker!r} is already restoring")
+        if claim.num_samples != 1:
+            raise InvalidArgument("a restored aggregate has weight 1")
+        layout = self._check_claim(claim, f"restore by {worker!r}")
+        self._restoring.add(worker)
+        return layout
 
-    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes,
+    def abandon_restore(self, worker: str) -> None:
+        self._restoring.discard(worker)
+
+    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes | PatchBuffer,
                        config: Any) -> None:
-        if self.store.rounds() or self.rounds:
-            raise FailedPrecondition("another worker restored this coordinator first")
+        self._restoring.discard(worker)
+        if not self._restorable(claim.round):
+            raise FailedPrecondition(f"round {self.current_round} is already here (restored first or started)")
         buf = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
         buf.add(payload)
+        for old in list(self.rounds.values()):  # an older restored round gives way
+            if old.buffer is not None:
+                old.buffer.close()
+            del self.rounds[old.number]
+        self.store.close()
         rnd = Round(claim.round, config, int(self._clock() * 1000), (worker,), 0, state="aggregated",
-                    reason=f"restored by {worker}", layout=layout, buffer=buf, restored=True)
-        rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
-                                                  claim.nonce)
+                    reason=f"restored by {worker}", layout=layout, buffer=buf, restored=True, digest=buf.digest())
+        rnd.submissions[worker] = ParticipantInfo(worker, 1, claim.epsilon, claim.no_dp, claim.nonce)
         self.rounds[claim.round] = rnd
         self.store.put(claim.round, buf)
-        log.info("aggregate restored", round=claim.round, worker=worker, bytes=len(payload))
+        log.info("aggregate restored", round=claim.round, worker=worker, bytes=layout.size_bytes)
 
     def close(self) -> None:
         for rnd in self.rounds.values():

@@ -79,7 +79,8 @@ def join_config(name: str, data: Path, key_file: Path, coordinator: str, node: s
                 **overrides) -> JoinConfig:
     cfg = JoinConfig(insecure=True, identity=name, coordinator=coordinator, fhe=node, mode=mode, model="tiny",
                      data=data / name / "train.jsonl", eval_data=data / name / "eval.jsonl", eval_records=4,
-                     consortium_key=key_file, metrics_file=data / f"{name}.metrics.jsonl", reconnect_seconds=20)
+                     consortium_key=key_file, metrics_file=data / f"{name}.metrics.jsonl", reconnect_seconds=20,
+                     privacy_ledger=data / f"{name}.privacy.json")
     cfg = replace(cfg, **overrides)
     cfg.validate()
     return cfg

@@ -335,3 +335,55 @@ async def test_rounds_script_starts_watches_and_finishes(federation) -> None:
     assert code == 0 and "finished after round 1" in out, out
     assert (await a.next_event("finished")).finished.last_round == 1
     assert fed.finished
+
+
+async def test_a_refused_second_upload_keeps_the_first_and_an_abandoned_one_lets_the_round_close(federation) -> None:
+    _, fed, op, add = federation
+    a, b = await add("a"), await add("b")
+    await op.wait_connected(["a", "b"])
+    await op.stub.StartRound(pb.StartRoundRequest(config=config_to_proto(FAST), deadline_seconds=60))
+    reqs = a.requests(1)
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[pb.SubmitUpdateRequest]:
+        yield reqs[0]
+        yield reqs[1]
+        await release.wait()  # the first upload is still streaming...
+        for r in reqs[2:]:
+            yield r
+    first = asyncio.ensure_future(a.stub.SubmitUpdate(slow()))
+    for _ in range(100):
+        if "a" in fed.rounds[1].receiving:
+            break
+        await asyncio.sleep(0.02)
+    # ... when a retry arrives: refused, and it must not free the live upload's slot
+    assert await code_of(a.submit(1)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "a" in fed.rounds[1].receiving
+    release.set()
+    assert (await first).accepted
+    # b starts uploading, then dies: its watch ends and its upload is cancelled; the round closes at once
+    breqs = b.requests(1)
+    hold = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[pb.SubmitUpdateRequest]:
+        yield breqs[0]
+        await hold.wait()
+        yield breqs[1]
+    upload = b.stub.SubmitUpdate(stalled())
+    task = asyncio.ensure_future(upload)
+    for _ in range(100):
+        if "b" in fed.rounds[1].receiving:
+            break
+        await asyncio.sleep(0.02)
+    assert fed.rounds[1].state == "open"
+    b.watch.cancel()
+    await asyncio.sleep(0.1)
+    assert fed.rounds[1].state == "open"  # still receiving b's upload
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if fed.rounds[1].state != "open":
+            break
+        await asyncio.sleep(0.02)
+    assert fed.rounds[1].state == "failed" and fed.rounds[1].seconds < 30  # 1 update < min 2, long before 60 s

@@ -142,8 +142,12 @@ def test_privacy_ledger_survives_a_restart(tmp_path) -> None:  # type: ignore[no
     again = Trainer(tiny_runtime().model, recs, DpSettings(epsilon=5.0), ledger=ledger)
     assert again.epsilon == pytest.approx(eps) and again.noise_multiplier == first.noise_multiplier
     assert again.train_round(cfg).epsilon > eps
-    with pytest.raises(ValueError, match="another accountant or data set"):
+    with pytest.raises(ValueError, match="another accountant, data set or delta"):
         Trainer(tiny_runtime().model, recs[:10], DpSettings(epsilon=5.0), ledger=ledger)
+    with pytest.raises(ValueError, match="delta"):  # a larger delta must not buy budget after a restart
+        Trainer(tiny_runtime().model, recs, DpSettings(epsilon=5.0, delta=0.01), ledger=ledger)
+    with pytest.raises(ValueError, match="noise multiplier"):
+        Trainer(tiny_runtime().model, recs, DpSettings(epsilon=5.0, noise_multiplier=0.1), ledger=ledger)
 
 
 CANARIES = 160  # planted, and as many never-seen ones: the AUC's standard error is about 0.03

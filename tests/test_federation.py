@@ -225,9 +225,16 @@ async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_
         wrong.runtime, wrong.lora, wrong.federation_id = w.runtime, w.lora, w.federation_id
         with pytest.raises(WrongConsortiumKey, match="wrong consortium key"):
             wrong.apply_patch(good)
+        # an older round served in place of the one asked for (a rollback) is refused
+        with pytest.raises(TamperedAggregate, match="asked for the aggregate of round 2"):
+            w.apply_patch(good, expected_round=2)
+        w.applied_round = 3
+        async with make_channel(coord.address, ChannelConfig(insecure=True)) as ch:
+            why = await w.sync(coordinator_pb2_grpc.CoordinatorServiceStub(ch), 1, w.round_cfg)
+        assert why is not None and "older" in why
+        w.applied_round = 1
         after = lora_state_dict(w.runtime.model)
         assert all(torch.equal(before[k], after[k]) for k in before)
-        assert w.applied_round == 1
         # the coordinator refuses a worker whose key differs from the federation's
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await wrong.session(coordinator_pb2_grpc.CoordinatorServiceStub(op.channel))

@@ -168,6 +168,27 @@ def test_every_tampering_is_detected(key: ConsortiumKey) -> None:
     fails(ps=[parts[1], Contribution("a", 4, parts[0].nonce)] * 1 + [parts[0]], total=14)
     fails(ps=[parts[0]], total=4)
     fails(round_=6)
+    # a header that reshapes or renames a tensor (same payload length) fails too
+    reshaped = TensorLayout.checked([(n, tuple(reversed(sh)) if len(sh) == 2 else sh) for n, sh in layout.specs])
+    assert reshaped != layout
+    with pytest.raises(TamperedAggregate):
+        decrypt_aggregate(key, FED, 5, parts, 10, reshaped, payload, kcv)
+    renamed = TensorLayout.checked([("z" + n if i == 0 else n, sh) for i, (n, sh) in enumerate(layout.specs)])
+    with pytest.raises(TamperedAggregate):
+        decrypt_aggregate(key, FED, 5, parts, 10, renamed, payload, kcv)
+    # one hospital's own contribution served alone is refused by a reader with a floor of two
+    single = encrypt_update(key, FED, 5, "a", adapters(1), 4)
+    with pytest.raises(TamperedAggregate, match="at least 2"):
+        decrypt_aggregate(key, FED, 5, [Contribution("a", 4, single.nonce)], 4, single.layout, single.payload,
+                          kcv, min_participants=2)
+    # ... and cannot be passed off as a restored aggregate (restores are keyed apart)
+    with pytest.raises(TamperedAggregate):
+        decrypt_aggregate(key, FED, 5, [Contribution("a", 1, single.nonce)], 1, single.layout, single.payload,
+                          kcv, kind="restore")
+    restore = encrypt_update(key, FED, 5, "a", adapters(1), 1, kind="restore")
+    got = decrypt_aggregate(key, FED, 5, [Contribution("a", 1, restore.nonce)], 1, restore.layout,
+                            restore.payload, kcv, kind="restore", min_participants=2)
+    assert rel_err(got, fedavg({"a": (adapters(1), 1)})) <= 2.0 ** -20
     # untampered, it decrypts
     decrypt_aggregate(key, FED, 5, parts, 10, layout, payload, kcv)
 

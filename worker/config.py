@@ -61,6 +61,8 @@ class JoinConfig(WorkerConfig):
     privacy_ledger: Path | None = opt(None, help="JSON file keeping the DP accountant's history across restarts "
                                                  "(no data in it; without it a restarted worker starts at epsilon 0)")
     reconnect_seconds: float = opt(120.0, help="keep retrying an unreachable coordinator this long")
+    min_aggregate: int = opt(2, help="open only aggregates of at least this many hospitals (the coordinator "
+                                     "holds each contribution and could otherwise serve one alone)")
     progress: bool = opt(False, help="show progress bars for local steps and hint downloads")
 
     def validate(self) -> None:
@@ -69,8 +71,11 @@ class JoinConfig(WorkerConfig):
             raise ConfigError("--coordinator HOST:PORT is required")
         if self.data is None or self.consortium_key is None:
             raise ConfigError("--data and --consortium-key are required")
-        if self.eval_records < 0 or self.reconnect_seconds < 0:
-            raise ConfigError("--eval-records and --reconnect-seconds must be >= 0")
+        if self.eval_records < 0 or self.reconnect_seconds < 0 or self.min_aggregate < 1:
+            raise ConfigError("--eval-records and --reconnect-seconds must be >= 0, --min-aggregate >= 1")
+        if not self.no_dp and self.privacy_ledger is None:
+            raise ConfigError("--privacy-ledger FILE is required with DP: it keeps the epsilon spent across "
+                              "restarts (a restarted worker must not start again from 0)")
         try:
             self.dp_settings()
         except ValueError as exc:

@@ -30,7 +30,7 @@ import structlog
 import torch
 
 from common.chunks import Assembler, split
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, FedfheError
 from common.lwe.params import by_name
 from common.messages import (
     TrainingConfig,
@@ -42,7 +42,14 @@ from common.messages import (
 )
 from common.progress import progress_bar
 from common.rpc import make_channel
-from common.updates import ConsortiumKey, UpdateCryptoError, decrypt_aggregate, encrypt_update
+from common.updates import (
+    RESTORE,
+    UPDATE,
+    ConsortiumKey,
+    TamperedAggregate,
+    decrypt_aggregate,
+    encrypt_update,
+)
 from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from worker.config import JoinConfig
 from worker.lora import load_lora_state_dict, lora_state_dict
@@ -104,13 +111,21 @@ async def fetch_patch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_:
     return Patch(header, payload)
 
 
-def open_patch(key: ConsortiumKey, federation_id: str, patch: Patch) -> dict[str, np.ndarray]:
-    """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state."""
+def open_patch(key: ConsortiumKey, federation_id: str, patch: Patch, *, expected_round: int = 0,
+               min_participants: int = 1) -> dict[str, np.ndarray]:
+    """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state.
+
+    The round comes from the coordinator's header, so a reader that asked for a given round checks it:
+    otherwise an older (validly encrypted) aggregate could be served in its place and roll the adapter back.
+    """
     h = patch.header
     if h.federation_id != federation_id:
         raise FailedPrecondition(f"patch of federation {h.federation_id!r}, expected {federation_id!r}")
+    if expected_round and h.round != expected_round:
+        raise TamperedAggregate(f"asked for the aggregate of round {expected_round}, got round {h.round}")
     return decrypt_aggregate(key, federation_id, h.round, contributions(h.participants), h.total_samples,
-                             layout_from_proto(h.tensors), patch.payload, h.key_check_value)
+                             layout_from_proto(h.tensors), patch.payload, h.key_check_value,
+                             kind=RESTORE if h.restored else UPDATE, min_participants=min_participants)
 
 
 def adapter_tensors(mean: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -183,9 +198,10 @@ class FederatedWorker:
 
     # ---- patches ----------------------------------------------------------------------------------
 
-    def apply_patch(self, patch: Patch) -> dict[str, np.ndarray]:
+    def apply_patch(self, patch: Patch, expected_round: int = 0) -> dict[str, np.ndarray]:
         """Decrypt, verify, then load the global adapter; on any error the current adapter is left as it was."""
-        mean = open_patch(self.key, self.federation_id, patch)
+        mean = open_patch(self.key, self.federation_id, patch, expected_round=expected_round,
+                          min_participants=self.cfg.min_aggregate)
         assert self.runtime is not None
         load_lora_state_dict(self.runtime.model, adapter_tensors(mean))  # strict: every name and shape first
         self.global_state = lora_state_dict(self.runtime.model)
@@ -193,17 +209,26 @@ class FederatedWorker:
         return mean
 
     async def sync(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int,
-                   cfg: TrainingConfig) -> None:
-        """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, evaluate)."""
+                   cfg: TrainingConfig) -> str | None:
+        """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, evaluate).
+
+        Returns why it could not (the current adapter is then kept), or None.
+        """
         if round_ == 0 or round_ == self.applied_round:
-            return
+            return None
+        if round_ < self.applied_round:
+            why = (f"the coordinator offers round {round_}, older than this worker's adapter "
+                   f"(round {self.applied_round})")
+            self.metric("patch_rejected", round=round_, error=why)
+            return why
         await asyncio.to_thread(self.ensure_model, cfg)
-        patch = await fetch_patch(stub, round_)
         try:
-            mean = await asyncio.to_thread(self.apply_patch, patch)
-        except UpdateCryptoError as exc:
+            patch = await fetch_patch(stub, round_)
+            mean = await asyncio.to_thread(self.apply_patch, patch, round_)
+        except (FedfheError, KeyError, ValueError) as exc:  # tampered, wrong key, or not this model's adapter
+            log.error("aggregate rejected; current adapter kept", round=round_, error=str(exc))
             self.metric("patch_rejected", round=round_, error=str(exc))
-            raise
+            return f"cannot apply the aggregate of round {round_}: {exc}"
         fields: dict[str, Any] = {"participants": [p.worker_id for p in patch.header.participants],
                                   "restored": patch.header.restored}
         if not cfg.ffa and any(k.startswith("sketch.") for k in mean):
@@ -212,6 +237,12 @@ class FederatedWorker:
                 self.runtime, {k: v for k, v in mean.items() if k.startswith("sketch.")}, cfg.lora_seed)
         self.metric("applied", round=round_, **fields)
         await asyncio.to_thread(self.evaluate, round_, cfg)
+        return None
+
+    async def decline(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int, why: str) -> None:
+        await stub.DeclineRound(coordinator_pb2.DeclineRoundRequest(round=round_, reason=why,
+                                                                    worker_id=self.worker_id))
+        self.metric("declined", round=round_, reason=why, epsilon=self.trainer.epsilon if self.trainer else 0.0)
 
     # ---- rounds -----------------------------------------------------------------------------------
 
@@ -242,16 +273,19 @@ class FederatedWorker:
         cfg = self.round_cfg = config_from_proto(started.config)
         runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
         assert self.trainer is not None and self.global_state is not None
-        await self.sync(stub, started.base_round, cfg)
+        why = await self.sync(stub, started.base_round, cfg)
         load_lora_state_dict(runtime.model, self.global_state)  # a failed round's local training is dropped
+        if why is not None:  # never train from an adapter the federation did not agree on
+            await self.decline(stub, r, why)
+            return
         if not self.baseline_done and self.applied_round == 0:
             self.baseline_done = True
             await asyncio.to_thread(self.evaluate, 0, cfg)
         why = self.trainer.refusal(cfg)
+        if why is None and time.time() * 1000 >= started.deadline_unix_ms:
+            why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
         if why is not None:
-            await stub.DeclineRound(coordinator_pb2.DeclineRoundRequest(round=r, reason=why,
-                                                                        worker_id=self.worker_id))
-            self.metric("declined", round=r, reason=why, epsilon=self.trainer.epsilon)
+            await self.decline(stub, r, why)
             return
         fhe_before = runtime.client.bytes_up if runtime.client else 0
         with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
@@ -274,7 +308,7 @@ class FederatedWorker:
         """Re-seed a coordinator that lost its buffers with the global adapter this worker holds."""
         assert self.global_state is not None
         enc = encrypt_update(self.key, self.federation_id, self.applied_round, self.worker_id,
-                             {k: v.numpy() for k, v in self.global_state.items()}, 1)
+                             {k: v.numpy() for k, v in self.global_state.items()}, 1, kind=RESTORE)
         header = coordinator_pb2.RestoreHeader(
             round=self.applied_round, tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload),
             digest=enc.digest, key_check_value=self.key.check_value(), worker_id=self.worker_id, nonce=enc.nonce,
@@ -316,10 +350,7 @@ class FederatedWorker:
                 self.metric("round_closed", round=closed.round, reason=closed.reason,
                             aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
                 if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
-                    try:
-                        await self.sync(stub, closed.round, self.round_cfg)
-                    except UpdateCryptoError as exc:  # keep training from the adapter we trust
-                        log.error("aggregate rejected; current adapter kept", round=closed.round, error=str(exc))
+                    await self.sync(stub, closed.round, self.round_cfg)  # a rejected one keeps the adapter
             elif kind == "finished":
                 self.metric("finished", last_round=event.finished.last_round,
                             epsilon=self.trainer.epsilon if self.trainer else 0.0)

@@ -159,8 +159,13 @@ class Trainer:
         if self.ledger is None or self.accountant is None or not self.ledger.exists():
             return
         state = json.loads(self.ledger.read_text())
-        if state.get("accountant") != self.dp.accountant or state.get("records") != self.num_records:
-            raise ValueError(f"privacy ledger {self.ledger} belongs to another accountant or data set")
+        if (state.get("accountant") != self.dp.accountant or state.get("records") != self.num_records
+                or state.get("delta") != self.delta):
+            raise ValueError(f"privacy ledger {self.ledger} belongs to another accountant, data set or delta "
+                             f"({state.get('accountant')}, {state.get('records')} records, delta {state.get('delta')})")
+        if self.noise_multiplier is not None and state["noise_multiplier"] != self.noise_multiplier:
+            raise ValueError(f"privacy ledger {self.ledger} was spent at noise multiplier "
+                             f"{state['noise_multiplier']}, not {self.noise_multiplier}")
         self.accountant.history = [tuple(h) for h in state["history"]]
         self.noise_multiplier = state["noise_multiplier"]
         self.steps_taken = int(state["steps"])
@@ -169,9 +174,12 @@ class Trainer:
         if self.ledger is None or self.accountant is None:
             return
         tmp = self.ledger.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"accountant": self.dp.accountant, "records": self.num_records,
-                                   "noise_multiplier": self.noise_multiplier, "steps": self.steps_taken,
-                                   "delta": self.delta, "history": [list(h) for h in self.accountant.history]}))
+        with open(tmp, "w", encoding="utf-8") as f:  # on disk before the update that spent it is released
+            json.dump({"accountant": self.dp.accountant, "records": self.num_records,
+                       "noise_multiplier": self.noise_multiplier, "steps": self.steps_taken,
+                       "delta": self.delta, "history": [list(h) for h in self.accountant.history]}, f)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self.ledger)
 
     @property
