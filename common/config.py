@@ -167,3 +167,6 @@ class ServerConfig(LogConfig, TlsConfig):
 class ChannelConfig(TlsConfig):
     identity: str = opt("", help="client certificate name inside --tls-dir (e.g. hospital-1)")
     deadline_seconds: float = opt(30.0, help="default deadline of unary calls")
+    load_balancing: str = opt("pick_first", help="gRPC client-side load balancing over the addresses a target "
+                                                 "resolves to (round_robin spreads sessions over FHE nodes)",
+                              choices=["pick_first", "round_robin"])

@@ -151,7 +151,9 @@ class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
 
 def make_channel(target: str, cfg: ChannelConfig) -> grpc.aio.Channel:
     """A channel with the same limits, keepalive and (unless insecure) mTLS identity."""
-    options = grpc_options(cfg.max_message_bytes)
+    # Client-side load balancing: with a target such as dns:///fhe-nodes:50051 that resolves to several
+    # nodes, round_robin gives each new stream (an FHE session) the next node.
+    options = [*grpc_options(cfg.max_message_bytes), ("grpc.lb_policy_name", cfg.load_balancing)]
     interceptors = [_DefaultDeadline(cfg.deadline_seconds)]
     if cfg.insecure:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
