@@ -41,11 +41,13 @@ async def start_node(model: str = "tiny") -> RunningServer:
                               lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [FHE])
 
 
-async def start_coordinator(settings: Settings, *, federation_id: str = "fed-test",
-                            tls_dir: Path | None = None) -> tuple[RunningServer, Federation]:
+async def start_coordinator(settings: Settings, *, federation_id: str = "fed-test", tls_dir: Path | None = None,
+                            port: int = 0) -> tuple[RunningServer, Federation]:
     fed = Federation(federation_id, settings)
     servicer = CoordinatorServicer(fed, insecure=tls_dir is None)
-    cfg = ServerConfig(insecure=True) if tls_dir is None else ServerConfig(tls_dir=tls_dir)
+    listen = f"127.0.0.1:{port}"
+    cfg = ServerConfig(insecure=True, listen=listen) if tls_dir is None else ServerConfig(tls_dir=tls_dir,
+                                                                                         listen=listen)
     running = await start_server(
         cfg, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s), [COORDINATOR])
     return running, fed

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
+import structlog
 
 from common.chunks import Assembler, split
 from common.config import ChannelConfig
@@ -29,19 +32,29 @@ from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from worker.linears import StageMeta
 
 T = TypeVar("T")
+log = structlog.get_logger("fedfhe.fhe_client")
+# A stream broken by a node restart or a lost connection; anything else is the caller's problem.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, None)
+
+
+class StreamEnded(FailedPrecondition):
+    """The node ended the session stream while requests were outstanding."""
 
 
 class FheClient:
     """A session with the FHE node under a fresh public seed (a new A per session)."""
 
     def __init__(self, target: str, channel: ChannelConfig, params: LweParams, model_id: str,
-                 *, chunk_bytes: int = 1 << 20, max_result_bytes: int = 1 << 30) -> None:
+                 *, chunk_bytes: int = 1 << 20, max_result_bytes: int = 1 << 30,
+                 reconnect_seconds: float = 60.0) -> None:
         self.target, self.channel_cfg, self.params, self.model_id = target, channel, params, model_id
         self.seed = new_seed()
         self.chunk_bytes, self.max_result_bytes = chunk_bytes, max_result_bytes
+        self.reconnect_seconds = reconnect_seconds
         self.model_info: fhe_pb2.ModelInfo | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.sessions_opened = 0
         self._hints: dict[WeightKey, tuple[StageMeta, np.ndarray]] = {}
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[np.ndarray], Assembler]] = {}
@@ -56,24 +69,36 @@ class FheClient:
     async def _connect(self) -> None:
         self._channel = make_channel(self.target, self.channel_cfg)
         self._stub = fhe_pb2_grpc.FheServiceStub(self._channel)
+        self._reopen_lock = asyncio.Lock()
+        self._generation = 0
+        await self._open_session(wait_for_ready=False)
+
+    async def _open_session(self, *, wait_for_ready: bool) -> None:
+        """A new Evaluate stream under the same public seed: A, and so every hint, stays valid."""
         self._outbox: asyncio.Queue[fhe_pb2.EvaluateRequest | None] = asyncio.Queue()
         self._opened: asyncio.Future[fhe_pb2.SessionOpened] = self._loop.create_future()
         await self._outbox.put(fhe_pb2.EvaluateRequest(open=fhe_pb2.OpenSession(
             seed=self.seed, param_set=PARAM_SET_VALUES[self.params.name], model_id=self.model_id)))
-        self._call = self._stub.Evaluate(self._requests())
-        self._reader = asyncio.create_task(self._read())
+        self._call = self._stub.Evaluate(self._requests(self._outbox), wait_for_ready=wait_for_ready)
+        self._reader = asyncio.create_task(self._read(self._call, self._opened))
         opened = await self._opened
+        if self.model_info is not None and opened.model.weights_digest != self.model_info.weights_digest:
+            raise FailedPrecondition("the FHE node now serves different weights than this session's hints")
         self.model_info = opened.model
+        self.sessions_opened += 1
+        self._generation += 1
 
-    async def _requests(self) -> AsyncIterator[fhe_pb2.EvaluateRequest]:
-        while (msg := await self._outbox.get()) is not None:
+    @staticmethod
+    async def _requests(outbox: asyncio.Queue[fhe_pb2.EvaluateRequest | None]
+                        ) -> AsyncIterator[fhe_pb2.EvaluateRequest]:
+        while (msg := await outbox.get()) is not None:
             yield msg
 
-    async def _read(self) -> None:
+    async def _read(self, call: Any, opened: asyncio.Future[fhe_pb2.SessionOpened]) -> None:
         try:
-            async for resp in self._call:
+            async for resp in call:
                 if resp.WhichOneof("kind") == "opened":
-                    self._opened.set_result(resp.opened)
+                    opened.set_result(resp.opened)
                     continue
                 r = resp.result
                 self.bytes_down += len(r.result.data)
@@ -81,28 +106,68 @@ class FheClient:
                 if asm.add(r.result.index, r.result.count, r.result.data):
                     del self._pending[r.request_id]
                     fut.set_result(wire.decode(asm.payload(), kind=wire.Kind.RESULT, log_q=self.params.log_q))
-            raise FailedPrecondition("the FHE node closed the session stream")
+            raise StreamEnded("the FHE node closed the session stream")
         except BaseException as exc:  # every waiter learns why the stream ended
             for fut, _ in self._pending.values():
                 if not fut.done():
                     fut.set_exception(exc)
-            if not self._opened.done():
-                self._opened.set_exception(exc)
+            if not opened.done():
+                opened.set_exception(exc)
             self._pending.clear()
 
+    async def _reopen(self, generation: int) -> None:
+        """After a broken stream, one caller opens the next session; the others wait for it."""
+        async with self._reopen_lock:
+            if self._generation != generation:
+                return  # someone else already reopened
+            self._reader.cancel()
+            await self._open_session(wait_for_ready=True)
+            log.warning("FHE session reopened after the stream broke", sessions=self.sessions_opened)
+
+    async def _retrying(self, attempt: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run attempt(); on a broken stream (node restarted, connection lost) reopen and repeat it.
+
+        Repeating is safe: a request re-sends the same ciphertext (no new information) under a
+        new request id, and W·B is deterministic, so the result equals an uninterrupted run's.
+        """
+        give_up = time.monotonic() + self.reconnect_seconds
+        backoff = 0.2
+        while True:
+            generation = self._generation
+            try:
+                return await attempt()
+            except (grpc.aio.AioRpcError, StreamEnded) as exc:
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                if code not in RETRYABLE or time.monotonic() > give_up:
+                    raise
+                log.warning("FHE stream broke; reopening", code=code.name if code else "stream ended")
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
+            try:
+                await self._reopen(generation)
+            except (grpc.aio.AioRpcError, StreamEnded) as exc:
+                if time.monotonic() > give_up:
+                    raise
+                log.warning("FHE node not back yet", error=str(exc)[:200])
+
     async def _evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
-        rid = next(self._ids)
-        fut: asyncio.Future[np.ndarray] = self._loop.create_future()
-        self._pending[rid] = (fut, Assembler(self.max_result_bytes))
         data = wire.encode(wire.Kind.CIPHERTEXT, b)
-        self.bytes_up += len(data)
-        for i, n, piece in split(data, self.chunk_bytes):
-            await self._outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
-                request_id=rid, key=key_to_proto(key), ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
-        return await fut
+
+        async def attempt() -> np.ndarray:
+            rid = next(self._ids)
+            fut: asyncio.Future[np.ndarray] = self._loop.create_future()
+            self._pending[rid] = (fut, Assembler(self.max_result_bytes))
+            self.bytes_up += len(data)
+            outbox = self._outbox
+            for i, n, piece in split(data, self.chunk_bytes):
+                await outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
+                    request_id=rid, key=key_to_proto(key),
+                    ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
+            return await fut
+        return await self._retrying(attempt)
 
     def evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
-        """W·B for ciphertexts B (d_in, T); blocks until the node answers."""
+        """W·B for ciphertexts B (d_in, T); blocks until the node answers (across a node restart)."""
         return self._run(self._evaluate(key, b))
 
     async def _fetch_hints(self, keys: list[WeightKey], progress: Callable[[int], None] | None = None) -> None:
@@ -135,11 +200,19 @@ class FheClient:
     def prefetch_hints(self, keys: list[WeightKey] | None = None, progress: Callable[[int], None] | None = None,
                        ) -> None:
         """Download hints (all of the model's when keys is None) in one stream; progress(done) after each."""
-        self._run(self._fetch_hints(keys or [], progress))
+        wanted = [k for k in (keys or self._all_keys()) if k not in self._hints]  # a retry resumes
+        if wanted:
+            self._run(self._retrying(lambda: self._fetch_hints(
+                [k for k in wanted if k not in self._hints], progress)))
+
+    def _all_keys(self) -> list[WeightKey]:
+        assert self.model_info is not None
+        return [WeightKey(layer, stage, direction) for layer in range(self.model_info.num_layers)
+                for stage in Stage for direction in Direction]
 
     def hint(self, key: WeightKey) -> tuple[StageMeta, np.ndarray]:
         if key not in self._hints:
-            self._run(self._fetch_hints([key]))
+            self._run(self._retrying(lambda: self._fetch_hints([key])))
         return self._hints[key]
 
     def close(self) -> None:

@@ -1,0 +1,156 @@
+"""Faults with real servers: the FHE node restarted mid-step, the coordinator restarted mid-federation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ServerThread
+from fedkit import FAST, Operator, join_config, make_data, make_worker, start_coordinator
+
+from common.config import ChannelConfig, ServerConfig
+from common.lwe.params import EXACT
+from common.lwe.prg import DeterministicRandomness
+from common.messages import TrainingConfig
+from common.models import load_model
+from common.rpc import start_server
+from common.stages import NodeWeights
+from common.updates import ConsortiumKey, write_key_file
+from coordinator.state import Settings
+from fedfhe.v1 import fhe_pb2_grpc
+from fhe_server.__main__ import SERVICE
+from fhe_server.service import FheServicer
+from worker.lora import lora_state_dict
+from worker.model import LoraConfig
+from worker.runtime import build
+from worker.train import DpSettings, Trainer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class FlakyWeights(NodeWeights):
+    """Public weights whose owner is told (once) when the n-th product starts: the moment to pull the plug."""
+
+    def __init__(self, *args, crash_at: int, on_crash: threading.Event, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.calls, self.crash_at, self.on_crash = 0, crash_at, on_crash
+
+    def evaluate(self, params, key, b):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == self.crash_at:
+            self.on_crash.set()
+            threading.Event().wait(0.5)  # the node dies while this product is in flight
+        return super().evaluate(params, key, b)
+
+
+class RestartableNode:
+    def __init__(self, weights: NodeWeights) -> None:
+        self.weights, self.port, self.restarts = weights, 0, 0
+        self.thread = self._start()
+        self.port = self.thread.running.port
+
+    def _start(self) -> ServerThread:
+        servicer = FheServicer(self.weights)
+
+        async def start():  # type: ignore[no-untyped-def]
+            return await start_server(ServerConfig(insecure=True, listen=f"127.0.0.1:{self.port}"),
+                                      lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s),
+                                      [SERVICE])
+        return ServerThread(start)
+
+    def restart(self) -> None:
+        self.thread.stop()  # in-flight calls are cancelled: the client sees its stream break
+        self.thread = self._start()
+        self.restarts += 1
+
+
+def train_through_node(weights: NodeWeights, crash_at: int | None) -> tuple[dict, int, int]:
+    crash = threading.Event()
+    if crash_at is not None:
+        weights = FlakyWeights(weights.model, crash_at=crash_at, on_crash=crash)
+    node = RestartableNode(weights)
+    restarter = threading.Thread(target=lambda: crash.wait(60) and node.restart(), daemon=True)
+    restarter.start()
+    rt = build("fhe", "tiny", EXACT, LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"), seed=2),
+               fhe_target=f"127.0.0.1:{node.port}", channel=ChannelConfig(insecure=True))
+    try:
+        records = [list(f"Patient {i} admitted with chest pain; troponin {i % 7}.".encode()) for i in range(16)]
+        trainer = Trainer(rt.model, records, DpSettings(epsilon=6.0), rng=DeterministicRandomness(9))
+        cfg = TrainingConfig(local_steps=3, batch_size=4, learning_rate=2e-2, lora_rank=4, lora_alpha=8.0,
+                             lora_targets=("q", "v", "down"), max_seq_len=48, total_rounds=1)
+        trainer.train_round(cfg)
+        assert rt.client is not None
+        return lora_state_dict(rt.model), rt.client.sessions_opened, node.restarts
+    finally:
+        rt.close()
+        crash.set()
+        node.thread.stop()
+
+
+def test_fhe_node_restarted_mid_step_gives_the_uninterrupted_result() -> None:
+    weights = NodeWeights(load_model("tiny"))
+    want, sessions, restarts = train_through_node(weights, crash_at=None)
+    assert (sessions, restarts) == (1, 0)
+    got, sessions, restarts = train_through_node(weights, crash_at=20)  # mid-way through the first backward
+    assert restarts == 1 and sessions == 2  # it reconnected, reopened its session and repeated the product
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert max(float(v.abs().max()) for v in want.values()) > 0
+
+
+async def test_coordinator_restart_is_restored_by_a_worker_and_the_federation_continues(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", hospitals=2)
+    key = ConsortiumKey.generate()
+    key_file = tmp_path / "consortium.key"
+    write_key_file(key_file, key)
+    settings = Settings(min_workers=2, deadline_seconds=60)
+    coord, fed = await start_coordinator(settings)
+    port = coord.port
+    names = ["hospital-1", "hospital-2"]
+    workers = {n: make_worker(join_config(n, data, key_file, coord.address, "", mode="local"), key)
+               for n in names}
+    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
+    op = Operator(coord.address)
+    try:
+        await op.wait_connected(names)
+        assert (await op.round(FAST)).outcome == 1
+        assert (await op.round(FAST)).outcome == 1
+        for _ in range(200):
+            if all(w.applied_round == 2 for w in workers.values()):
+                break
+            await asyncio.sleep(0.05)
+        held = {k: v.clone() for k, v in workers["hospital-1"].global_state.items()}
+        # the coordinator dies: its memory-only buffers are gone by design
+        await op.close()
+        await coord.stop(0)
+        fed.close()
+        coord, fed = await start_coordinator(settings, port=port)  # same address, same federation id
+        assert fed.rounds == {}
+        op = Operator(coord.address)
+        await op.wait_connected(names, timeout=60)
+        for _ in range(200):  # a worker re-seeded the coordinator with the round-2 global adapter
+            if fed.latest_patch_round == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert fed.latest_patch_round == 2 and fed.rounds[2].restored
+        closed = await op.round(FAST)
+        assert closed.round == 3 and closed.outcome == 1  # the federation continues from the same round
+        for _ in range(200):
+            if all(w.applied_round == 3 for w in workers.values()):
+                break
+            await asyncio.sleep(0.05)
+        # round 3 started from the restored round-2 adapter, which both workers agree on
+        assert all(w.applied_round == 3 for w in workers.values())
+        assert any(not torch.equal(workers["hospital-1"].global_state[k], held[k]) for k in held)
+        await op.finish()
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await op.close()
+        for w in workers.values():
+            w.close()
+        await coord.stop(0)
+        fed.close()
