@@ -22,6 +22,8 @@ class CoordinatorConfig(ServerConfig):
     keep_rounds: int = opt(3, help="aggregates kept in memory-only patch buffers (older ones are zeroed)")
     require_mlock: bool = opt(False, help="refuse to keep an aggregate that cannot be locked in RAM (mlock)")
     max_update_bytes: int = opt(1 << 30, help="largest encrypted update accepted")
+    enrolled: str = opt("", help="comma-separated worker names allowed to register (empty: any worker "
+                                 "certificate from the federation CA)")
     key_check_value: str = opt("", help="hex check value of the consortium key (public; fedfhe-keygen prints "
                                         "it); when empty, the first registered worker's is pinned")
 
@@ -38,7 +40,8 @@ class CoordinatorConfig(ServerConfig):
         return Settings(min_workers=self.min_workers, deadline_seconds=self.round_deadline,
                         keep_rounds=self.keep_rounds, require_mlock=self.require_mlock,
                         max_update_bytes=self.max_update_bytes,
-                        key_check_value=bytes.fromhex(self.key_check_value))
+                        key_check_value=bytes.fromhex(self.key_check_value),
+                        enrolled=frozenset(n for n in self.enrolled.split(",") if n))
 
 
 async def serve(cfg: CoordinatorConfig) -> None:

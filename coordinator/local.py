@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model)
             procs.append(node)
         coord, coord_log = _service("coordinator", run_dir, "coordinator", "--min-workers", str(args.min_workers),
-                                    "--federation-id", f"local-{run_dir.name}"[:64],
+                                    "--federation-id", f"local-{run_dir.name}"[:64], "--enrolled", ",".join(names),
                                     "--round-deadline", str(args.round_deadline),
                                     "--key-check-value", key.check_value().hex())
         procs.append(coord)

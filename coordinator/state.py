@@ -43,6 +43,7 @@ class Settings:
     require_mlock: bool = False
     max_update_bytes: int = 1 << 30
     key_check_value: bytes = b""  # pinned up front; otherwise the first worker's is pinned
+    enrolled: frozenset[str] = frozenset()  # worker names allowed in; empty: any worker certificate of the CA
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +204,9 @@ class Federation:
         if role != "worker":
             raise PermissionDenied(f"certificate {name!r} has role {role!r}, not worker")
         check_worker_name(name)
+        if self.settings.enrolled and name not in self.settings.enrolled:
+            raise PermissionDenied(f"certificate {name!r} is valid but not enrolled in federation "
+                                   f"{self.federation_id!r}")
         self._check_kcv(key_check_value, f"worker {name!r}")
         if not self.key_check_value:
             self.key_check_value = key_check_value

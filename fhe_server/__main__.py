@@ -26,7 +26,7 @@ class FheServerConfig(ServerConfig):
 async def serve(cfg: FheServerConfig) -> None:
     structlog.get_logger("fedfhe.fhe_server").info("loading model", model=cfg.model)
     weights = await asyncio.to_thread(lambda: NodeWeights(load_model(cfg.model)))
-    servicer = FheServicer(weights)
+    servicer = FheServicer(weights, insecure=cfg.insecure)
     await serve_forever(cfg, lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -11,13 +12,21 @@ import grpc
 import structlog
 
 from common.chunks import Assembler, split
-from common.errors import FailedPrecondition, FedfheError, InvalidArgument, NotFound, ResourceExhausted
+from common.errors import (
+    FailedPrecondition,
+    FedfheError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from common.lwe import wire
 from common.lwe.params import LweParams
 from common.lwe.prg import SEED_BYTES
 from common.messages import key_from_proto, key_to_proto, params_from_proto
 from common.rpc import abort_with
 from common.stages import Direction, NodeWeights, Stage, WeightKey
+from common.tls import peer_identity
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 
 log = structlog.get_logger("fedfhe.fhe_server")
@@ -30,6 +39,8 @@ class Limits:
     chunk_bytes: int = 1 << 20  # < the 16 MiB message limit
     max_ciphertext_bytes: int = 256 << 20
     max_sessions: int = 64
+    max_sessions_per_client: int = 4  # one client cannot take every session slot
+    max_hint_streams_per_client: int = 2  # hints are the node's most expensive answer
 
 
 def check_seed(seed: bytes) -> bytes:
@@ -48,10 +59,46 @@ class _Session:
 
 
 class FheServicer(fhe_pb2_grpc.FheServiceServicer):
-    def __init__(self, weights: NodeWeights, limits: Limits | None = None) -> None:
+    def __init__(self, weights: NodeWeights, limits: Limits | None = None, *, insecure: bool = True) -> None:
         self.weights = weights
         self.limits = limits or Limits()
+        self.insecure = insecure
         self.sessions: dict[str, _Session] = {}
+        self._client_sessions: Counter[str] = Counter()
+        self._client_hints: Counter[str] = Counter()
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """Who is calling: a worker certificate's name (other roles are refused), or the peer host under
+        --insecure (loopback only), so that the per-client limits apply in both modes."""
+        if self.insecure:
+            return context.peer().rsplit(":", 1)[0]
+        who = peer_identity(context)  # Unauthenticated without a verified client certificate
+        if who.role != "worker":
+            raise PermissionDenied(f"certificate {who.name!r} has role {who.role!r}; only workers use the node")
+        return who.name
+
+    @staticmethod
+    def _acquire(counter: Counter[str], client: str, limit: int, what: str) -> None:
+        if counter[client] >= limit:
+            raise ResourceExhausted(f"{client} already has {counter[client]} {what} open (limit {limit})")
+        counter[client] += 1
+
+    @staticmethod
+    def _release(counter: Counter[str], client: str) -> None:
+        counter[client] -= 1
+        if counter[client] <= 0:
+            del counter[client]
+
+    async def _admit(self, context: grpc.aio.ServicerContext, counter: Counter[str], limit: int,
+                     what: str) -> str | None:
+        """The caller's name with one of its `what` slots taken, or None after aborting the call."""
+        try:
+            client = self._client(context)
+            self._acquire(counter, client, limit, what)
+            return client
+        except FedfheError as exc:
+            await abort_with(context, exc)
+            return None
 
     def _check_model(self, model_id: str) -> None:
         if model_id != self.weights.model.model_id:
@@ -103,6 +150,9 @@ class FheServicer(fhe_pb2_grpc.FheServiceServicer):
 
     async def Evaluate(self, request_iterator: AsyncIterator[fhe_pb2.EvaluateRequest],
                        context: grpc.aio.ServicerContext) -> AsyncIterator[fhe_pb2.EvaluateResponse]:
+        client = await self._admit(context, self._client_sessions, self.limits.max_sessions_per_client, "sessions")
+        if client is None:
+            return
         out: asyncio.Queue[fhe_pb2.EvaluateResponse | BaseException | None] = asyncio.Queue()
         session: _Session | None = None
         tasks: set[asyncio.Task[None]] = set()
@@ -166,9 +216,22 @@ class FheServicer(fhe_pb2_grpc.FheServiceServicer):
                 t.cancel()
             if session is not None:
                 self.sessions.pop(session.id, None)
+            self._release(self._client_sessions, client)
 
     async def GetHint(self, request: fhe_pb2.GetHintRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[fhe_pb2.GetHintResponse]:
+        client = await self._admit(context, self._client_hints, self.limits.max_hint_streams_per_client,
+                                   "hint streams")
+        if client is None:
+            return
+        try:
+            async for msg in self._hints(request, context):
+                yield msg
+        finally:
+            self._release(self._client_hints, client)
+
+    async def _hints(self, request: fhe_pb2.GetHintRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[fhe_pb2.GetHintResponse]:
         try:
             params = params_from_proto(request.param_set)
             self._check_model(request.model_id)

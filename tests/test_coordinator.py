@@ -246,7 +246,8 @@ async def test_refusals_name_the_problem(federation) -> None:
 
 
 async def test_roles_come_from_certificates(tls_dir: Path) -> None:
-    running, fed = await start_coordinator(Settings(min_workers=1), tls_dir=tls_dir)
+    running, fed = await start_coordinator(Settings(min_workers=1, enrolled=frozenset({"hospital-2"})),
+                                           tls_dir=tls_dir)
     target = f"localhost:{running.port}"
     try:
         async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="hospital-2")) as ch:
@@ -259,6 +260,11 @@ async def test_roles_come_from_certificates(tls_dir: Path) -> None:
             # a worker certificate cannot run rounds
             code = await code_of(stub.StartRound(pb.StartRoundRequest(config=config_to_proto(FAST))))
             assert code == grpc.StatusCode.PERMISSION_DENIED
+        async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="hospital-1")) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)  # a valid worker certificate, not enrolled
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.Register(pb.RegisterRequest(key_check_value=KEY.check_value()))
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not enrolled" in exc.value.details()
         async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="operator")) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             code = await code_of(stub.Register(pb.RegisterRequest(key_check_value=KEY.check_value())))

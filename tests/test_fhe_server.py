@@ -200,3 +200,45 @@ async def test_concurrent_sessions_are_independent(stub) -> None:
 
     ids = await asyncio.gather(*(one(bytes([i]) * 32) for i in range(5)))
     assert len(set(ids)) == 5
+
+
+async def test_node_serves_workers_only_and_limits_each_client(weights: NodeWeights, tls_dir) -> None:
+    servicer = FheServicer(weights, Limits(max_sessions_per_client=2, max_hint_streams_per_client=1),
+                           insecure=False)
+    running = await start_server(ServerConfig(tls_dir=tls_dir),
+                                 lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
+    target = f"localhost:{running.port}"
+    hint_req = fhe_pb2.GetHintRequest(seed=SEED, param_set=EXACT, model_id="tiny")
+    try:
+        async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="operator")) as ch:
+            op = fhe_pb2_grpc.FheServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await op.GetHint(hint_req).read()
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only workers" in exc.value.details()
+        async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="hospital-1")) as ch:
+            st = fhe_pb2_grpc.FheServiceStub(ch)
+            calls = []
+            for _ in range(3):  # opened one after the other: the third is over the limit
+                calls.append(st.Evaluate())
+                await calls[-1].write(open_msg())
+                if len(calls) < 3:
+                    assert (await calls[-1].read()).WhichOneof("kind") == "opened"
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await calls[2].read()
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in exc.value.details()
+            # a hint stream in progress takes the client's only hint slot
+            first = st.GetHint(hint_req)
+            await first.read()
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await st.GetHint(hint_req).read()
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            first.cancel()
+            for c in calls[:2]:
+                await c.done_writing()
+            await asyncio.sleep(0.2)
+            assert servicer._client_sessions == {} and servicer.sessions == {}  # slots come back
+        async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="hospital-2")) as ch:
+            header, _ = await fetch_hint(fhe_pb2_grpc.FheServiceStub(ch), pb_key(0, 1, 1))
+            assert header.rows > 0  # another worker is unaffected
+    finally:
+        await running.stop(0)
