@@ -151,6 +151,7 @@ class TlsConfig:
 class ServerConfig(LogConfig, TlsConfig):
     listen: str = opt("127.0.0.1:0", help="HOST:PORT to serve on (port 0 picks a free port)")
     grace_seconds: float = opt(5.0, help="graceful-shutdown grace period after SIGTERM/SIGINT")
+    stats_seconds: float = opt(60.0, help="log memory, file descriptors and tasks this often (0: never)")
 
     def validate(self) -> None:
         host, _ = split_host_port(self.listen)

@@ -7,12 +7,15 @@ common.errors types, and `status_for` maps those to status codes here.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import psutil
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -105,7 +108,8 @@ async def start_server(
         port = server.add_secure_port(cfg.listen, server_credentials(cfg.tls_dir))
     await server.start()
     running = RunningServer(server, health_servicer, host, port)
-    log.info("serving", address=running.address, tls=not cfg.insecure, services=list(service_names))
+    log.info("serving", address=running.address, tls=not cfg.insecure, services=list(service_names),
+             pid=os.getpid())
     return running
 
 
@@ -122,11 +126,29 @@ async def serve_until_signal(running: RunningServer, grace: float) -> None:
         await running.stop(grace)
 
 
+def resources() -> dict[str, int]:
+    """What a long-running service watches for leaks: resident memory, open descriptors, tasks, threads."""
+    proc = psutil.Process()
+    return {"rss_bytes": proc.memory_info().rss, "fds": proc.num_fds(), "tasks": len(asyncio.all_tasks()),
+            "threads": threading.active_count()}
+
+
+async def log_resources(every: float) -> None:
+    while True:
+        log.info("resources", **resources())
+        await asyncio.sleep(every)
+
+
 async def serve_forever(cfg: ServerConfig, register: Callable[[grpc.aio.Server], None],
                         service_names: Sequence[str]) -> None:
-    """Start a server and serve until SIGTERM/SIGINT."""
+    """Start a server and serve until SIGTERM/SIGINT, logging its resources every cfg.stats_seconds."""
     running = await start_server(cfg, register, service_names)
-    await serve_until_signal(running, cfg.grace_seconds)
+    stats = asyncio.create_task(log_resources(cfg.stats_seconds)) if cfg.stats_seconds > 0 else None
+    try:
+        await serve_until_signal(running, cfg.grace_seconds)
+    finally:
+        if stats is not None:
+            stats.cancel()
 
 
 def service_main(cls: type[ServerConfigT], argv: Sequence[str] | None, *, prog: str, description: str | None,

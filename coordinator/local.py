@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
     p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--stats-seconds", type=float, default=30.0,
+                   help="the services log memory, descriptors and tasks this often")
     p.add_argument("--kill-worker", action="append", metavar="NAME@ROUND",
                    help="fault drill: kill this worker mid-round, restart it after the round (repeatable)")
     for name in ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets",
@@ -342,12 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         node_addr = ""
         if "fhe" in modes:
-            node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model)
+            node, node_log = _service("fhe_server", run_dir, "fhe_server", "--model", args.model,
+                                  "--stats-seconds", str(args.stats_seconds))
             procs.append(node)
         coord, coord_log = _service("coordinator", run_dir, "coordinator", "--min-workers", str(args.min_workers),
                                     "--federation-id", f"local-{run_dir.name}"[:64], "--enrolled", ",".join(names),
                                     "--round-deadline", str(args.round_deadline),
-                                    "--key-check-value", key.check_value().hex())
+                                    "--key-check-value", key.check_value().hex(),
+                                    "--stats-seconds", str(args.stats_seconds))
         procs.append(coord)
         coord_addr = wait_for_address(coord, coord_log)
         if "fhe" in modes:

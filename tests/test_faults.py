@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import ServerThread
-from fedkit import FAST, Operator, join_config, make_data, make_worker, start_coordinator
+from fedkit import FAST, Operator, RecordingWorker, join_config, make_data, make_worker, start_coordinator
 
 from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
-from common.messages import TrainingConfig
+from common.messages import TrainingConfig, config_from_proto
 from common.models import load_model
 from common.rpc import start_server
 from common.stages import NodeWeights
@@ -146,6 +148,79 @@ async def test_coordinator_restart_is_restored_by_a_worker_and_the_federation_co
         assert any(not torch.equal(workers["hospital-1"].global_state[k], held[k]) for k in held)
         await op.finish()
         assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await op.close()
+        for w in workers.values():
+            w.close()
+        await coord.stop(0)
+        fed.close()
+
+
+class SlowWorker(RecordingWorker):
+    """Trains slowly in the given rounds (a hospital with a busy GPU, say): until the event is set."""
+
+    slow: ClassVar[dict[int, threading.Event]] = {}
+
+    async def on_started(self, stub, started):  # type: ignore[no-untyped-def]
+        done = self.slow.get(started.round)
+        if done is None:
+            return await super().on_started(stub, started)
+        await asyncio.to_thread(self.ensure_model, config_from_proto(started.config))
+        assert self.trainer is not None
+        real = self.trainer.train_round
+
+        def slow(cfg, progress=None):  # type: ignore[no-untyped-def]
+            done.wait(120)
+            return real(cfg, progress)
+        self.trainer.train_round = slow  # type: ignore[method-assign]
+        try:
+            return await super().on_started(stub, started)
+        finally:
+            del self.trainer.train_round
+
+
+async def test_a_slow_worker_past_the_deadline_is_refused_and_catches_up(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data")
+    key = ConsortiumKey.generate()
+    key_file = tmp_path / "consortium.key"
+    write_key_file(key_file, key)
+    coord, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=120))
+    names = ["hospital-1", "hospital-2", "hospital-3"]
+    SlowWorker.slow = {1: threading.Event()}
+    workers = {n: make_worker(join_config(n, data, key_file, coord.address, "", mode="local"), key,
+                              cls=SlowWorker if n == "hospital-3" else RecordingWorker) for n in names}
+    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
+    op = Operator(coord.address)
+    try:
+        await op.wait_connected(names)
+        first = await op.round(FAST, deadline=20.0)  # the two others submit; hospital-3 is still training
+        assert first.outcome == 1 and sorted(p.worker_id for p in first.participants) == names[:2]
+        assert "deadline" in first.reason
+        SlowWorker.slow[1].set()  # now it finishes, past the deadline
+        slow = workers["hospital-3"]
+        for _ in range(300):  # it finishes training after the deadline: its update is refused
+            if slow.metrics_path and '"refused"' in slow.metrics_path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        refused = [json.loads(line) for line in slow.metrics_path.read_text().splitlines()
+                   if '"refused"' in line]
+        assert refused and refused[0]["round"] == 1 and "late" in refused[0]["reason"]
+        assert slow.submitted.keys() == {1} and fed.rounds[1].submissions.keys() == set(names[:2])
+        second = await op.round(FAST)
+        assert second.outcome == 1 and sorted(p.worker_id for p in second.participants) == names
+        for _ in range(200):
+            if slow.applied_round == 2:
+                break
+            await asyncio.sleep(0.05)
+        # it caught up: round 2 started from round 1's aggregate, and it applies round 2's like the others
+        applied = [json.loads(line) for line in slow.metrics_path.read_text().splitlines() if '"applied"' in line]
+        assert [a["round"] for a in applied] == [1, 2]
+        for k, v in workers["hospital-1"].global_state.items():
+            assert torch.equal(v, slow.global_state[k])
+        await op.finish()
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0, 0]
     finally:
         for t in tasks:
             t.cancel()
