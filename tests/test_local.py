@@ -47,6 +47,9 @@ def test_local_federation_with_a_worker_killed_mid_round(tmp_path: Path) -> None
     assert any(e["event"] == "serving" and e["tls"] for e in coord)
     assert any(e["event"] == "shutting down" for e in coord)  # SIGTERM led to a graceful stop
     assert sum(e["event"] == "round closed" for e in coord) == 3
+    for service in ("coordinator", "fhe_server"):  # no payload is ever logged: every line is short
+        lines = (run / "logs" / f"{service}.log").read_text().splitlines()
+        assert max(map(len, lines)) < 2000, service
     # keys are 0600, and no log, metric, data or temp file holds the consortium key
     key_file = run / "keys" / "consortium.key"
     for key in [*(run / "pki").glob("*.key"), key_file]:
