@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import grpc
 
 from common.config import ChannelConfig, ServerConfig
 from common.messages import TrainingConfig
 from common.models import load_model
 from common.rpc import RunningServer, start_server
 from common.stages import NodeWeights
-from common.updates import ConsortiumKey
+from common.updates import ConsortiumKey, write_key_file
 from coordinator.__main__ import SERVICE as COORDINATOR
 from coordinator.operator import OperatorClient
 from coordinator.service import CoordinatorServicer
@@ -51,14 +51,6 @@ async def start_coordinator(settings: Settings, *, federation_id: str = "fed-tes
     running = await start_server(
         cfg, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s), [COORDINATOR])
     return running, fed
-
-
-@dataclass
-class Hospital:
-    name: str
-    worker: FederatedWorker
-    task: asyncio.Task[int] | None = None
-    updates: list[dict] = field(default_factory=list)  # the plaintext adapters it submitted, per round
 
 
 class RecordingWorker(FederatedWorker):
@@ -104,5 +96,67 @@ class Operator(OperatorClient):
         return (await self.run_round(cfg, deadline, timeout))[1]
 
 
-def is_status(exc: BaseException, code: grpc.StatusCode) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code
+@dataclass
+class LocalFederation:
+    """A running in-process federation: coordinator, workers as tasks, the operator; see `federation()`."""
+
+    data: Path
+    key: ConsortiumKey
+    key_file: Path
+    coord: RunningServer
+    fed: Federation
+    workers: dict[str, FederatedWorker]
+    tasks: list[asyncio.Task[int]]
+    op: Operator
+
+    async def wait(self, pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+        """Poll pred() until true (workers apply aggregates asynchronously after a round closes)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not pred():
+            assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+            await asyncio.sleep(0.05)
+
+    async def wait_applied(self, round_: int, names: Sequence[str] | None = None) -> None:
+        await self.wait(lambda: all(self.workers[n].applied_round == round_ for n in names or self.workers))
+
+    async def finish(self) -> None:
+        """Finish the federation; every worker exits cleanly."""
+        await self.op.finish()
+        assert await asyncio.wait_for(asyncio.gather(*self.tasks), 60) == [0] * len(self.tasks)
+
+    async def restart_coordinator(self, settings: Settings) -> None:
+        """Kill the coordinator (its memory-only buffers with it) and start a fresh one at the same address."""
+        port = self.coord.port
+        await self.op.close()
+        await self.coord.stop(0)
+        self.fed.close()
+        self.coord, self.fed = await start_coordinator(settings, port=port)
+        self.op = Operator(self.coord.address)
+
+
+@asynccontextmanager
+async def federation(tmp_path: Path, names: Sequence[str], settings: Settings, *, node: str = "",
+                     modes: dict[str, str] | None = None, classes: dict[str, type[FederatedWorker]] | None = None,
+                     overrides: dict[str, dict] | None = None) -> AsyncIterator[LocalFederation]:
+    """Data, consortium key, coordinator and one worker task per name (local mode unless `modes` says)."""
+    data = make_data(tmp_path / "data", hospitals=len(names))
+    key = ConsortiumKey.generate()
+    key_file = tmp_path / "consortium.key"
+    write_key_file(key_file, key)
+    coord, fed = await start_coordinator(settings)
+    workers = {n: make_worker(join_config(n, data, key_file, coord.address, node,
+                                          mode=(modes or {}).get(n, "local"), **(overrides or {}).get(n, {})),
+                              key, cls=(classes or {}).get(n, RecordingWorker)) for n in names}
+    fx = LocalFederation(data, key, key_file, coord, fed, workers,
+                         [asyncio.create_task(w.run()) for w in workers.values()], Operator(coord.address))
+    try:
+        await fx.op.wait_connected(names)
+        yield fx
+    finally:
+        for t in fx.tasks:
+            t.cancel()
+        await fx.op.close()
+        for w in workers.values():
+            w.close()
+        await fx.coord.stop(0)
+        fx.fed.close()

@@ -15,10 +15,10 @@ from scipy import stats
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
 from common.messages import TrainingConfig
-from worker.data import generate_dataset, load_notes, make_canaries, plant_canaries, tokenize_notes
+from worker.data import generate_dataset, load_notes, make_canaries, pad_batch, plant_canaries, tokenize_notes
 from worker.model import LoraConfig, per_sequence_loss, trainable_parameters
 from worker.runtime import ByteTokenizer, build
-from worker.train import CsprngDPOptimizer, DpSettings, Trainer, gaussian, pad_batch, poisson_sample, uniform
+from worker.train import CsprngDPOptimizer, DpSettings, Trainer, gaussian, poisson_sample, uniform
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 TOK = ByteTokenizer()

@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import ServerThread
-from fedkit import FAST, Operator, RecordingWorker, join_config, make_data, make_worker, start_coordinator
+from fedkit import FAST, RecordingWorker, federation
 
 from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
@@ -20,7 +20,6 @@ from common.messages import TrainingConfig, config_from_proto
 from common.models import load_model
 from common.rpc import start_server
 from common.stages import NodeWeights
-from common.updates import ConsortiumKey, write_key_file
 from coordinator.state import Settings
 from fedfhe.v1 import fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
@@ -103,59 +102,24 @@ def test_fhe_node_restarted_mid_step_gives_the_uninterrupted_result() -> None:
 
 
 async def test_coordinator_restart_is_restored_by_a_worker_and_the_federation_continues(tmp_path: Path) -> None:
-    data = make_data(tmp_path / "data", hospitals=2)
-    key = ConsortiumKey.generate()
-    key_file = tmp_path / "consortium.key"
-    write_key_file(key_file, key)
     settings = Settings(min_workers=2, deadline_seconds=60)
-    coord, fed = await start_coordinator(settings)
-    port = coord.port
     names = ["hospital-1", "hospital-2"]
-    workers = {n: make_worker(join_config(n, data, key_file, coord.address, "", mode="local"), key)
-               for n in names}
-    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
-    op = Operator(coord.address)
-    try:
-        await op.wait_connected(names)
-        assert (await op.round(FAST)).outcome == 1
-        assert (await op.round(FAST)).outcome == 1
-        for _ in range(200):
-            if all(w.applied_round == 2 for w in workers.values()):
-                break
-            await asyncio.sleep(0.05)
-        held = {k: v.clone() for k, v in workers["hospital-1"].global_state.items()}
-        # the coordinator dies: its memory-only buffers are gone by design
-        await op.close()
-        await coord.stop(0)
-        fed.close()
-        coord, fed = await start_coordinator(settings, port=port)  # same address, same federation id
-        assert fed.rounds == {}
-        op = Operator(coord.address)
-        await op.wait_connected(names, timeout=60)
-        for _ in range(200):  # a worker re-seeded the coordinator with the round-2 global adapter
-            if fed.latest_patch_round == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert fed.latest_patch_round == 2 and fed.rounds[2].restored
-        closed = await op.round(FAST)
+    async with federation(tmp_path, names, settings) as fx:
+        assert (await fx.op.round(FAST)).outcome == 1
+        assert (await fx.op.round(FAST)).outcome == 1
+        await fx.wait_applied(2)
+        held = {k: v.clone() for k, v in fx.workers["hospital-1"].global_state.items()}
+        await fx.restart_coordinator(settings)  # its memory-only buffers are gone by design
+        assert fx.fed.rounds == {}
+        await fx.op.wait_connected(names, timeout=60)
+        await fx.wait(lambda: fx.fed.latest_patch_round == 2)  # a worker re-seeded it with the round-2 adapter
+        assert fx.fed.rounds[2].restored
+        closed = await fx.op.round(FAST)
         assert closed.round == 3 and closed.outcome == 1  # the federation continues from the same round
-        for _ in range(200):
-            if all(w.applied_round == 3 for w in workers.values()):
-                break
-            await asyncio.sleep(0.05)
         # round 3 started from the restored round-2 adapter, which both workers agree on
-        assert all(w.applied_round == 3 for w in workers.values())
-        assert any(not torch.equal(workers["hospital-1"].global_state[k], held[k]) for k in held)
-        await op.finish()
-        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await op.close()
-        for w in workers.values():
-            w.close()
-        await coord.stop(0)
-        fed.close()
+        await fx.wait_applied(3)
+        assert any(not torch.equal(fx.workers["hospital-1"].global_state[k], held[k]) for k in held)
+        await fx.finish()
 
 
 class SlowWorker(RecordingWorker):
@@ -182,50 +146,27 @@ class SlowWorker(RecordingWorker):
 
 
 async def test_a_slow_worker_past_the_deadline_is_refused_and_catches_up(tmp_path: Path) -> None:
-    data = make_data(tmp_path / "data")
-    key = ConsortiumKey.generate()
-    key_file = tmp_path / "consortium.key"
-    write_key_file(key_file, key)
-    coord, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=120))
     names = ["hospital-1", "hospital-2", "hospital-3"]
     SlowWorker.slow = {1: threading.Event()}
-    workers = {n: make_worker(join_config(n, data, key_file, coord.address, "", mode="local"), key,
-                              cls=SlowWorker if n == "hospital-3" else RecordingWorker) for n in names}
-    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
-    op = Operator(coord.address)
-    try:
-        await op.wait_connected(names)
-        first = await op.round(FAST, deadline=20.0)  # the two others submit; hospital-3 is still training
+    async with federation(tmp_path, names, Settings(min_workers=2, deadline_seconds=120),
+                          classes={"hospital-3": SlowWorker}) as fx:
+        first = await fx.op.round(FAST, deadline=20.0)  # the two others submit; hospital-3 is still training
         assert first.outcome == 1 and sorted(p.worker_id for p in first.participants) == names[:2]
         assert "deadline" in first.reason
         SlowWorker.slow[1].set()  # now it finishes, past the deadline
-        slow = workers["hospital-3"]
-        for _ in range(300):  # it finishes training after the deadline: its update is refused
-            if slow.metrics_path and '"refused"' in slow.metrics_path.read_text():
-                break
-            await asyncio.sleep(0.05)
-        refused = [json.loads(line) for line in slow.metrics_path.read_text().splitlines()
-                   if '"refused"' in line]
-        assert refused and refused[0]["round"] == 1 and "late" in refused[0]["reason"]
-        assert slow.submitted.keys() == {1} and fed.rounds[1].submissions.keys() == set(names[:2])
-        second = await op.round(FAST)
+        slow = fx.workers["hospital-3"]
+        assert slow.metrics_path is not None
+
+        def events(kind: str) -> list[dict]:
+            return [m for m in map(json.loads, slow.metrics_path.read_text().splitlines()) if m["event"] == kind]
+        await fx.wait(lambda: bool(events("refused")))  # its update is refused: the round is closed
+        assert events("refused")[0]["round"] == 1 and "late" in events("refused")[0]["reason"]
+        assert fx.fed.rounds[1].submissions.keys() == set(names[:2])
+        second = await fx.op.round(FAST)
         assert second.outcome == 1 and sorted(p.worker_id for p in second.participants) == names
-        for _ in range(200):
-            if slow.applied_round == 2:
-                break
-            await asyncio.sleep(0.05)
+        await fx.wait_applied(2)
         # it caught up: round 2 started from round 1's aggregate, and it applies round 2's like the others
-        applied = [json.loads(line) for line in slow.metrics_path.read_text().splitlines() if '"applied"' in line]
-        assert [a["round"] for a in applied] == [1, 2]
-        for k, v in workers["hospital-1"].global_state.items():
+        assert [a["round"] for a in events("applied")] == [1, 2]
+        for k, v in fx.workers["hospital-1"].global_state.items():
             assert torch.equal(v, slow.global_state[k])
-        await op.finish()
-        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0, 0]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await op.close()
-        for w in workers.values():
-            w.close()
-        await coord.stop(0)
-        fed.close()
+        await fx.finish()

@@ -21,19 +21,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from fedkit import (
-    FAST,
-    Operator,
-    join_config,
-    make_data,
-    make_worker,
-    start_coordinator,
-    start_node,
-)
+from fedkit import FAST, federation, join_config, make_worker, start_node
 
-from common.config import ChannelConfig
 from common.lwe.params import EXACT
-from common.rpc import make_channel
 from common.updates import ConsortiumKey, TamperedAggregate, WrongConsortiumKey, write_key_file
 from coordinator.state import Settings
 from fedfhe.v1 import coordinator_pb2_grpc
@@ -112,115 +102,83 @@ async def check_generate(coordinator: str, key_file: Path, tmp_path: Path) -> No
 
 
 async def test_rounds_aggregate_exactly_and_leave_no_plaintext_behind(tmp_path: Path) -> None:
-    data = make_data(tmp_path / "data")
-    key = ConsortiumKey.generate()
-    key_file = tmp_path / "consortium.key"
-    write_key_file(key_file, key)
     node = await start_node()
-    coord, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=120, keep_rounds=2))
     names = ["hospital-1", "hospital-2", "hospital-3"]
-    # hospital-1 computes through the FHE node; the others multiply the public weights themselves
-    workers = {n: make_worker(join_config(n, data, key_file, coord.address, node.address,
-                                          mode="fhe" if n == "hospital-1" else "local",
-                                          no_dp=n == "hospital-3"), key) for n in names}
-    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
-    op = Operator(coord.address)
     buffers = []
     try:
-        await op.wait_connected(names)
-        for r in (1, 2):
-            closed = await op.round(FAST)
-            assert closed.round == r and closed.outcome == 1, closed
-            assert {p.worker_id for p in closed.participants} == set(names)
-            assert [p.no_dp for p in sorted(closed.participants, key=lambda p: p.worker_id)] == [False, False, True]
-            buf = fed.rounds[r].buffer
-            assert buf is not None and not buf.closed
-            buffers.append(buf)
-            path, flags = anonymous_mapping(buf.address)
-            assert path == "", path  # anonymous: no file behind it
-            assert "dd" in flags  # MADV_DONTDUMP: excluded from core dumps
-            assert ("lo" in flags) == buf.locked
-            # every worker applies the same global adapter: the sample-weighted FedAvg of what was submitted
-            await asyncio.sleep(0)
-            for _ in range(200):
-                if all(w.applied_round == r for w in workers.values()):
-                    break
-                await asyncio.sleep(0.05)
-            want = fedavg([w.submitted[r] for w in workers.values()])
-            for w in workers.values():
-                assert w.applied_round == r
-                got = {k: v.numpy() for k, v in w.global_state.items()}
-                assert rel_err(got, want) <= 2.0 ** -20
-                assert max(float(np.abs(v).max()) for v in want.values()) > 1e-4  # not the all-zero adapter
-            if r == 1:  # started from B = 0: the global adapter IS the FedAvg of the deltas
-                deltas = fedavg([w.submitted[1] for w in workers.values()])
-                assert rel_err(got, deltas) <= 2.0 ** -20
-        status = await op.status()
-        assert status.current_round == 2 and status.buffer_bytes_total > 0
-        assert [r.state for r in status.rounds] == ["aggregated", "aggregated"]
-        eps = {w.worker_id: w.epsilon for w in status.workers}
-        assert 0 < eps["hospital-1"] < 8 and eps["hospital-3"] == float("inf")
+        # hospital-1 computes through the FHE node; the others multiply the public weights themselves
+        async with federation(tmp_path, names, Settings(min_workers=2, deadline_seconds=120, keep_rounds=2),
+                              node=node.address, modes={"hospital-1": "fhe"},
+                              overrides={"hospital-3": {"no_dp": True}}) as fx:
+            for r in (1, 2):
+                closed = await fx.op.round(FAST)
+                assert closed.round == r and closed.outcome == 1, closed
+                assert {p.worker_id for p in closed.participants} == set(names)
+                assert [p.no_dp for p in sorted(closed.participants, key=lambda p: p.worker_id)] == [
+                    False, False, True]
+                buf = fx.fed.rounds[r].buffer
+                assert buf is not None and not buf.closed
+                buffers.append(buf)
+                path, flags = anonymous_mapping(buf.address)
+                assert path == "", path  # anonymous: no file behind it
+                assert "dd" in flags  # MADV_DONTDUMP: excluded from core dumps
+                assert ("lo" in flags) == buf.locked
+                # every worker applies the same global adapter: the sample-weighted FedAvg of what was submitted
+                await fx.wait_applied(r)
+                want = fedavg([w.submitted[r] for w in fx.workers.values()])
+                for w in fx.workers.values():
+                    got = {k: v.numpy() for k, v in w.global_state.items()}
+                    assert rel_err(got, want) <= 2.0 ** -20
+                    assert max(float(np.abs(v).max()) for v in want.values()) > 1e-4  # not the all-zero adapter
+                if r == 1:  # started from B = 0: the global adapter IS the FedAvg of the deltas
+                    deltas = fedavg([w.submitted[1] for w in fx.workers.values()])
+                    assert rel_err(got, deltas) <= 2.0 ** -20
+            status = await fx.op.status()
+            assert status.current_round == 2 and status.buffer_bytes_total > 0
+            assert [r.state for r in status.rounds] == ["aggregated", "aggregated"]
+            eps = {w.worker_id: w.epsilon for w in status.workers}
+            assert 0 < eps["hospital-1"] < 8 and eps["hospital-3"] == float("inf")
 
-        # no plaintext adapter or key bytes in any file under the run's directories or the temp dir
-        needles = {"key": key.raw_bytes_for_tests(), "key-hex": key.raw_bytes_for_tests().hex().encode(),
-                   "key-b64": base64.b64encode(key.raw_bytes_for_tests())[:40]}
-        for name, w in workers.items():
-            for tname, t in w.global_state.items():
-                arr = t.numpy().ravel()
-                i = int(np.argmax(np.abs(arr)))
-                needles[f"{name}:{tname}:f32"] = arr[max(0, i - 2):i + 2].tobytes()
-                needles[f"{name}:{tname}:f64"] = arr[max(0, i - 2):i + 2].astype(np.float64).tobytes()
-        hits = scan_for([tmp_path, Path(tempfile.gettempdir())], needles, skip={key_file})
-        assert not hits, hits[:5]
+            # no plaintext adapter or key bytes in any file under the run's directories or the temp dir
+            raw = fx.key.raw_bytes_for_tests()
+            needles = {"key": raw, "key-hex": raw.hex().encode(), "key-b64": base64.b64encode(raw)[:40]}
+            for name, w in fx.workers.items():
+                for tname, t in w.global_state.items():
+                    arr = t.numpy().ravel()
+                    i = int(np.argmax(np.abs(arr)))
+                    needles[f"{name}:{tname}:f32"] = arr[max(0, i - 2):i + 2].tobytes()
+                    needles[f"{name}:{tname}:f64"] = arr[max(0, i - 2):i + 2].astype(np.float64).tobytes()
+            hits = scan_for([tmp_path, Path(tempfile.gettempdir())], needles, skip={fx.key_file})
+            assert not hits, hits[:5]
 
-        await check_generate(coord.address, key_file, tmp_path)
-        await op.finish()
-        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0, 0]
-        metrics = [json.loads(line) for line in (data / "hospital-1.metrics.jsonl").read_text().splitlines()]
-        events = [(m["event"], m.get("round")) for m in metrics]
-        assert ("evaluated", 0) in events and ("submitted", 2) in events and ("evaluated", 2) in events
-        sub = next(m for m in metrics if m["event"] == "submitted")
-        assert sub["fhe_bytes_up"] > 0 and sub["update_bytes"] > 0 and sub["mode"] == "fhe"
+            await check_generate(fx.coord.address, fx.key_file, tmp_path)
+            await fx.finish()
+            metrics = [json.loads(line) for line in (fx.data / "hospital-1.metrics.jsonl").read_text().splitlines()]
+            events = [(m["event"], m.get("round")) for m in metrics]
+            assert ("evaluated", 0) in events and ("submitted", 2) in events and ("evaluated", 2) in events
+            sub = next(m for m in metrics if m["event"] == "submitted")
+            assert sub["fhe_bytes_up"] > 0 and sub["update_bytes"] > 0 and sub["mode"] == "fhe"
     finally:
-        for t in tasks:
-            t.cancel()
-        await op.close()
-        for w in workers.values():
-            w.close()
-        await coord.stop(0)
         await node.stop(0)
-        fed.close()
     assert all(b.closed for b in buffers)  # zeroed and unmapped at shutdown
 
 
 async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_path: Path) -> None:
-    data = make_data(tmp_path / "data", hospitals=2)
-    key = ConsortiumKey.generate()
-    key_file = tmp_path / "consortium.key"
-    write_key_file(key_file, key)
-    coord, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=60))
     names = ["hospital-1", "hospital-2"]
-    workers = {n: make_worker(join_config(n, data, key_file, coord.address, "", mode="local"), key) for n in names}
-    tasks = [asyncio.create_task(w.run()) for w in workers.values()]
-    op = Operator(coord.address)
-    try:
-        await op.wait_connected(names)
-        assert (await op.round(FAST)).outcome == 1
-        w = workers["hospital-1"]
-        for _ in range(200):
-            if w.applied_round == 1:
-                break
-            await asyncio.sleep(0.05)
+    async with federation(tmp_path, names, Settings(min_workers=2, deadline_seconds=60)) as fx:
+        assert (await fx.op.round(FAST)).outcome == 1
+        await fx.wait_applied(1)
+        w = fx.workers["hospital-1"]
         before = {k: v.clone() for k, v in lora_state_dict(w.runtime.model).items()}
-        async with make_channel(coord.address, ChannelConfig(insecure=True)) as ch:
-            good = await fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(ch), 1)
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(fx.op.channel)
+        good = await fetch_patch(stub, 1)
         rng = np.random.default_rng(0)
         for bit in rng.choice(len(good.payload) * 8, 40, replace=False):
             bad = bytearray(good.payload)
             bad[bit // 8] ^= 1 << (bit % 8)
             with pytest.raises(TamperedAggregate):
                 w.apply_patch(Patch(good.header, bytes(bad)))
-        wrong = make_worker(join_config("hospital-1", data, key_file, coord.address, "", mode="local"),
+        wrong = make_worker(join_config("hospital-1", fx.data, fx.key_file, fx.coord.address, "", mode="local"),
                             ConsortiumKey.generate())
         wrong.runtime, wrong.lora, wrong.federation_id = w.runtime, w.lora, w.federation_id
         with pytest.raises(WrongConsortiumKey, match="wrong consortium key"):
@@ -229,23 +187,13 @@ async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_
         with pytest.raises(TamperedAggregate, match="asked for the aggregate of round 2"):
             w.apply_patch(good, expected_round=2)
         w.applied_round = 3
-        async with make_channel(coord.address, ChannelConfig(insecure=True)) as ch:
-            why = await w.sync(coordinator_pb2_grpc.CoordinatorServiceStub(ch), 1, w.round_cfg)
+        why = await w.sync(stub, 1, w.round_cfg)
         assert why is not None and "older" in why
         w.applied_round = 1
         after = lora_state_dict(w.runtime.model)
         assert all(torch.equal(before[k], after[k]) for k in before)
         # the coordinator refuses a worker whose key differs from the federation's
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await wrong.session(coordinator_pb2_grpc.CoordinatorServiceStub(op.channel))
+            await wrong.session(stub)
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "wrong consortium key" in exc.value.details()
-        await op.finish()
-        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0, 0]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await op.close()
-        for w in workers.values():
-            w.close()
-        await coord.stop(0)
-        fed.close()
+        await fx.finish()

@@ -539,8 +539,6 @@ def batches(token_lists: Sequence[Sequence[int]], batch_size: int, *, max_len: i
     Rows are cut to max_len; the order is a shuffle seeded by seed (pass seed + epoch for a new
     order each epoch), or the given order with shuffle=False. The mask is 1 on tokens, 0 on padding.
     """
-    import torch  # the generator CLI needs no torch; only batching does
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_len is not None and max_len < 1:
@@ -552,17 +550,24 @@ def batches(token_lists: Sequence[Sequence[int]], batch_size: int, *, max_len: i
         idx = order[start:start + batch_size]
         if drop_last and len(idx) < batch_size:
             return
-        rows = [list(token_lists[i])[:max_len] for i in idx]
-        for i, row in zip(idx, rows, strict=True):
-            if not row:
+        for i in idx:
+            if not token_lists[i]:
                 raise ValueError(f"sequence {i} is empty: nothing to train on")
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)              # (B, T)
-        for b, row in enumerate(rows):
-            input_ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, :len(row)] = 1
-        yield input_ids, mask
+        yield pad_batch([token_lists[i] for i in idx], max_len, pad_id)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], max_len: int | None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) LongTensors, right-padded to the longest row (cut to max_len)."""
+    import torch
+
+    cut = [list(r)[:max_len] for r in rows]
+    width = max(len(r) for r in cut)
+    ids = torch.full((len(cut), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(cut), width), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(cut):
+        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, :len(r)] = 1
+    return ids, mask
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 
 from common.lwe.prg import Randomness
 from common.messages import TrainingConfig
+from worker.data import pad_batch
 from worker.model import SplitLlama, per_sequence_loss, trainable_parameters
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -122,18 +123,6 @@ class RoundResult:
     num_samples: int  # the FedAvg weight: records this worker trains on
     sampled: int  # sequences actually drawn over the round's steps
     seconds: float
-
-
-def pad_batch(rows: Sequence[Sequence[int]], max_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) (B, T), right-padded to the longest row (cut to max_len)."""
-    rows = [list(r)[:max_len] for r in rows]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, :len(r)] = 1
-    return ids, mask
 
 
 class Trainer:
