@@ -57,6 +57,10 @@ class Assembler:
         """Add the next chunk; returns True when the payload is complete."""
         if count < 1:
             raise ChunkError(f"chunk count must be at least 1, got {count}")
+        if count > max(1, self.max_bytes):
+            raise PayloadTooLarge(f"{count} chunks cannot hold a payload of at most {self.max_bytes} bytes")
+        if not data and count > 1:
+            raise ChunkError(f"chunk {index} of {count} is empty (only a lone chunk may be)")
         if self._count is None:
             self._count = count
         elif count != self._count:

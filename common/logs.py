@@ -14,6 +14,8 @@ from typing import Any, TextIO
 import grpc
 import structlog
 
+from common.errors import InvalidArgument
+
 # Values under keys that look like these are never rendered: keys, seeds of secrets, PEMs.
 _SECRET_WORDS = ("key", "secret", "seed", "password", "pem", "private")
 _SECRET_NAMES = {"token", "auth_token", "access_token", "credentials"}
@@ -72,8 +74,39 @@ def _peer(context: Any) -> str:
         return "unknown"
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes are not valid protobuf."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # decoded where gRPC would answer UNKNOWN; the handler answers precisely
+            return _Undecodable(str(exc)[:200])
+    return load
+
+
+async def _checked(requests: Any) -> Any:
+    """A request stream that raises InvalidArgument (which servicers map) at an undecodable message."""
+    async for req in requests:
+        if isinstance(req, _Undecodable):
+            raise InvalidArgument(f"undecodable request message: {req.error}")
+        yield req
+
+
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
-    """Binds method, peer and a call id to structlog's context for the life of each call."""
+    """Binds method, peer and a call id to structlog's context for the life of each call.
+
+    It also decodes requests tolerantly: a message that is not valid protobuf gets
+    INVALID_ARGUMENT instead of gRPC's UNKNOWN, on every method of every service.
+    """
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -95,6 +128,16 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                      ms=round((time.perf_counter() - start) * 1e3, 2))
             structlog.contextvars.clear_contextvars()
 
+        streaming_request = bool(handler.stream_unary or handler.stream_stream)
+
+        async def undecodable(request: Any, context: Any) -> Any:
+            """The request as the handler should see it, or None after aborting with INVALID_ARGUMENT."""
+            if streaming_request:
+                return _checked(request)
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}")
+            return request
+
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
             make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
@@ -112,7 +155,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                 start = bind(context)
                 error = None
                 try:
-                    async for item in inner(request, context):
+                    async for item in inner(await undecodable(request, context), context):
                         yield item
                 except BaseException as exc:
                     error = exc
@@ -125,12 +168,12 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                 start = bind(context)
                 error = None
                 try:
-                    return await inner(request, context)
+                    return await inner(await undecodable(request, context), context)
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
                     done(start, context, error)
 
-        return make(wrapped, request_deserializer=handler.request_deserializer,
+        return make(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer)

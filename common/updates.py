@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import stat
 import struct
@@ -183,9 +184,9 @@ class TensorLayout:
             shape = tuple(int(d) for d in shape)
             if not name or len(name) > 256 or name in seen:
                 raise UpdateFormatError(f"tensor name {name[:40]!r} is empty, too long or repeated")
-            if not shape or any(d <= 0 for d in shape):
-                raise UpdateFormatError(f"tensor {name!r} has shape {shape}; every dimension must be positive")
-            size = int(np.prod(shape, dtype=np.int64))
+            if not shape or len(shape) > 8 or any(not 0 < d < 1 << 31 for d in shape):
+                raise UpdateFormatError(f"tensor {name!r} has shape {shape}; 1-8 dimensions, each in [1, 2^31)")
+            size = math.prod(shape)  # Python integers: an absurd shape cannot wrap around to a small size
             words += size
             if words > max_words:
                 raise UpdateFormatError(f"update exceeds {max_words} words")
@@ -197,7 +198,7 @@ class TensorLayout:
 
     @property
     def words(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for _, s in self.specs)
+        return sum(math.prod(s) for _, s in self.specs)
 
     @property
     def size_bytes(self) -> int:
@@ -232,7 +233,7 @@ def _pads(key: ConsortiumKey, kind: str, federation: str, round_: int, worker: s
     """A contribution's pad for the whole payload: one keystream per tensor, bound to its name and shape."""
     return np.concatenate([
         _keystream_words(key.derive(kind.encode() + b"-pad" + _bind(federation, round_, worker, nonce, name,
-                                                                     _shape(shape))), int(np.prod(shape)))
+                                                                     _shape(shape))), math.prod(shape))
         for name, shape in layout.specs])
 
 
@@ -378,7 +379,7 @@ def decrypt_aggregate(key: ConsortiumKey, federation: str, round_: int, particip
     mean = m.astype(np.float64) / (float(total_samples) * float(1 << FRAC_BITS))
     out, offset = {}, 0
     for name, shape in layout.specs[:-1]:
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         out[name] = mean[offset:offset + size].reshape(shape).astype(np.float32)
         offset += size
     return out

@@ -220,7 +220,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def RestorePatch(self, request_iterator: AsyncIterator[coordinator_pb2.RestorePatchRequest],
                            context: grpc.aio.ServicerContext) -> coordinator_pb2.RestorePatchResponse:
         fed = self.federation
-        name, scratch = "", None
+        name, scratch, reserved = "", None, False
         try:
             h, iterator = await self._receive(request_iterator, "RestoreHeader")
             assert isinstance(h, coordinator_pb2.RestoreHeader)
@@ -228,6 +228,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             config_from_proto(h.config)  # a restored adapter must say how to rebuild it
             claim = self._claim(h, 1, 0.0, False)
             layout = fed.begin_restore(name, claim)
+            reserved = True  # only a restore that got the worker's slot may free it
             scratch = PatchBuffer(layout.size_bytes, require_mlock=fed.settings.require_mlock)
             await self._payload(iterator, layout, h.digest, scratch)
             fed.finish_restore(name, claim, layout, scratch, h.config)
@@ -238,7 +239,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         finally:
             if scratch is not None:
                 scratch.close()
-            if name:
+            if reserved:
                 fed.abandon_restore(name)
 
     async def GetStatus(self, request: coordinator_pb2.GetStatusRequest,

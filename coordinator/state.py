@@ -33,6 +33,7 @@ from common.updates import MAX_PARTICIPANTS, NONCE_BYTES, TensorLayout, UpdateFo
 from coordinator.patchbuf import PatchBuffer, PatchStore
 
 log = structlog.get_logger("fedfhe.coordinator")
+MAX_ROUND = (1 << 62) - 1  # round numbers travel as uint64; far beyond any federation's life
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,14 @@ Event = RoundStartedEvent | RoundClosedEvent | FinishedEvent
 # --------------------------------------------------------------------------------------------------
 
 
+RESERVED_NAMES = frozenset({"operator", "server", "ca", "service-client"})  # the PKI's own certificates
+
+
 def check_worker_name(name: str) -> str:
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
         raise InvalidArgument(f"worker name {name[:70]!r} must be 1-64 letters, digits, '-' or '_'")
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidArgument(f"worker name {name!r} is reserved")
     return name
 
 
@@ -313,6 +319,8 @@ class Federation:
             raise FailedPrecondition(f"{len(connected)} worker(s) connected, the round needs at least "
                                      f"{self.settings.min_workers} (--min-workers)")
         number = self.current_round + 1
+        if number > MAX_ROUND:
+            raise FailedPrecondition(f"round numbers are exhausted ({MAX_ROUND})")
         rnd = Round(number, config, int((self._clock() + seconds) * 1000), tuple(connected),
                     self.latest_patch_round, pending=set(connected))
         self.rounds[number] = rnd
@@ -483,8 +491,8 @@ class Federation:
         self.worker(worker)
         if self.finished:
             raise FailedPrecondition("the federation is finished")
-        if claim.round < 1:
-            raise InvalidArgument("a restored aggregate belongs to a round >= 1")
+        if not 1 <= claim.round <= MAX_ROUND:
+            raise InvalidArgument(f"a restored aggregate belongs to a round in [1, {MAX_ROUND}]")
         if not self._restorable(claim.round):
             raise FailedPrecondition(f"this coordinator already holds round {self.current_round}: restoring "
                                      f"round {claim.round} would not move it forward")

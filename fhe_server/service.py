@@ -195,6 +195,9 @@ class FheServicer(fhe_pb2_grpc.FheServiceServicer):
                         raise InvalidArgument("empty EvaluateRequest: set open or pass")
                 if tasks:
                     await asyncio.gather(*tasks)
+                if session is not None and session.pending:  # the client half-closed mid-request
+                    rids = sorted(session.pending)[:4]
+                    raise InvalidArgument(f"the stream ended with request(s) {rids} incomplete (missing chunks)")
                 await out.put(None)
             except BaseException as exc:
                 await out.put(exc)
