@@ -137,6 +137,7 @@ class Run:
     hospitals: list[Hospital]
     config: TrainingConfig
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    generation: dict[str, str] | None = None
 
 
 def mean_eval(hospitals: Sequence[Hospital], round_: int) -> float | None:
@@ -205,7 +206,29 @@ async def drive(run: Run, coord_addr: str) -> None:
             await op.wait_connected([h.name for h in victims], READY_TIMEOUT_S)
             run.rounds.append(round_record(run, started.round, closed, seconds, time.monotonic() - start))
             print_round(run.rounds[-1], args.rounds)
+        if args.generate and any(r["outcome"] == "aggregated" for r in run.rounds):
+            run.generation = await asyncio.to_thread(generate_both, run, coord_addr)
         await op.finish()
+
+
+def generate_both(run: Run, coord_addr: str) -> dict[str, str]:
+    """hospital-1 generates from the prompt with the base model, then under the federated adapter.
+
+    The adapter is fetched encrypted, verified and decrypted in RAM by `fedfhe-worker generate`; the local
+    compute mode keeps the demo quick (the adapter is applied the same way in every mode).
+    """
+    h = run.hospitals[0]
+    base = [sys.executable, "-m", "worker", "generate", "--mode", "local", "--model", run.args.model,
+            "--tls-dir", str(run.run_dir / "pki"), "--identity", h.name, "--prompt", run.args.generate,
+            "--max-new-tokens", "24", "--log-file", str(run.run_dir / "logs" / f"{h.name}-generate.log")]
+    federated = [*base, "--coordinator", coord_addr, "--consortium-key", str(run.run_dir / "keys" / "consortium.key")]
+    out = {"prompt": run.args.generate}
+    for name, cmd in (("base_model", base), ("federated_adapter", federated)):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_env())
+        out[name] = done.stdout.strip() if done.returncode == 0 else f"(failed: {done.stderr.strip()[-300:]})"
+    print(f"generate {run.args.generate!r}\n  base model:        {out['base_model']!r}\n"
+          f"  federated adapter: {out['federated_adapter']!r}", flush=True)
+    return out
 
 
 def round_record(run: Run, round_: int, closed: pb.RoundClosed, seconds: float, total: float) -> dict[str, Any]:
@@ -297,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
     p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--generate", default="Discharge summary: patient admitted with chest pain.", metavar="PROMPT",
+                   help="after the last round, hospital-1 generates from PROMPT with and without the federated "
+                        "adapter (empty: skip)")
     p.add_argument("--stats-seconds", type=float, default=30.0,
                    help="the services log memory, descriptors and tasks this often")
     p.add_argument("--kill-worker", action="append", metavar="NAME@ROUND",
@@ -414,6 +440,7 @@ def make_report(run: Run, seconds: float) -> dict[str, Any]:
         "baseline_eval_loss": mean_eval(run.hospitals, 0),
         "final_eval_loss": aggregated[-1]["eval_loss"] if aggregated else None,
         "rounds": run.rounds,
+        "generation": run.generation,
         "seconds": round(seconds, 1),
         "run_dir": str(run.run_dir),
     }

@@ -68,10 +68,10 @@ class FheServicer(fhe_pb2_grpc.FheServiceServicer):
         self._client_hints: Counter[str] = Counter()
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
-        """Who is calling: a worker certificate's name (other roles are refused), or the peer host under
-        --insecure (loopback only), so that the per-client limits apply in both modes."""
+        """Who is calling: a worker certificate's name (other roles are refused), or under --insecure
+        (loopback only, no identities) the connection, so that the per-client limits apply in both modes."""
         if self.insecure:
-            return context.peer().rsplit(":", 1)[0]
+            return str(context.peer())
         who = peer_identity(context)  # Unauthenticated without a verified client certificate
         if who.role != "worker":
             raise PermissionDenied(f"certificate {who.name!r} has role {who.role!r}; only workers use the node")

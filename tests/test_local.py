@@ -42,7 +42,11 @@ def test_local_federation_with_a_worker_killed_mid_round(tmp_path: Path) -> None
     assert report["final_eval_loss"] < report["baseline_eval_loss"]
     assert report_path.with_suffix(".png").stat().st_size > 10_000
     assert {p.stem for p in (run / "logs").glob("*.log")} == {
-        "fhe_server", "coordinator", "hospital-1", "hospital-2", "hospital-3"}
+        "fhe_server", "coordinator", "hospital-1", "hospital-2", "hospital-3", "hospital-1-generate"}
+    # hospital-1 generated with the federated adapter, fetched and decrypted in RAM
+    gen = report["generation"]
+    assert gen["prompt"] and not gen["federated_adapter"].startswith("(failed")
+    assert not gen["base_model"].startswith("(failed")
     coord = [json.loads(line) for line in (run / "logs" / "coordinator.log").read_text().splitlines()]
     assert any(e["event"] == "serving" and e["tls"] for e in coord)
     assert any(e["event"] == "shutting down" for e in coord)  # SIGTERM led to a graceful stop

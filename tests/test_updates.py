@@ -205,7 +205,7 @@ def test_format_errors() -> None:
         encrypt_update(key, FED, 1, "a", {"w": np.zeros(2)}, 0)
     with pytest.raises(UpdateFormatError, match="tag block"):
         TensorLayout.checked([("w", (2,))])
-    with pytest.raises(UpdateFormatError, match="positive"):
+    with pytest.raises(UpdateFormatError, match=r"each in \[1, 2\^31\)"):
         TensorLayout.checked([("w", (2, 0)), ("fedfhe.tag", (6,))])
     with pytest.raises(UpdateFormatError, match="repeated"):
         TensorLayout.checked([("w", (2,)), ("w", (2,)), ("fedfhe.tag", (6,))])
