@@ -393,3 +393,27 @@ async def test_a_refused_second_upload_keeps_the_first_and_an_abandoned_one_lets
             break
         await asyncio.sleep(0.02)
     assert fed.rounds[1].state == "failed" and fed.rounds[1].seconds < 30  # 1 update < min 2, long before 60 s
+
+
+def test_an_unlockable_buffer_warns_or_is_refused_with_require_mlock(monkeypatch) -> None:
+    import ctypes
+
+    from coordinator import patchbuf
+
+    real = patchbuf._libc
+
+    class NoLock:  # a process over its RLIMIT_MEMLOCK: mlock fails with ENOMEM
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+        @staticmethod
+        def mlock(address: int, size: int) -> int:
+            ctypes.set_errno(12)
+            return -1
+
+    monkeypatch.setattr(patchbuf, "_libc", NoLock())
+    buf = PatchBuffer(64)  # kept, with a warning: not locked
+    assert not buf.locked and not buf.closed
+    buf.close()
+    with pytest.raises(patchbuf.MlockRefused, match="require-mlock"):
+        PatchBuffer(64, require_mlock=True)
