@@ -220,7 +220,8 @@ def generate_both(run: Run, coord_addr: str) -> dict[str, str]:
     h = run.hospitals[0]
     base = [sys.executable, "-m", "worker", "generate", "--mode", "local", "--model", run.args.model,
             "--tls-dir", str(run.run_dir / "pki"), "--identity", h.name, "--prompt", run.args.generate,
-            "--max-new-tokens", "24", "--log-file", str(run.run_dir / "logs" / f"{h.name}-generate.log")]
+            "--max-new-tokens", "24", "--min-aggregate", str(min(2, run.args.min_workers)),
+            "--log-file", str(run.run_dir / "logs" / f"{h.name}-generate.log")]
     federated = [*base, "--coordinator", coord_addr, "--consortium-key", str(run.run_dir / "keys" / "consortium.key")]
     out = {"prompt": run.args.generate}
     for name, cmd in (("base_model", base), ("federated_adapter", federated)):

@@ -81,6 +81,7 @@ def main() -> int:
     console.print(f"machine: {platform.machine()}, {platform.system()} {platform.release()}, "
                   f"{len(__import__('os').sched_getaffinity(0))} CPUs")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": results, "coordinator_bytes_per_worker": slope}, indent=2))
     return 0
 

@@ -68,8 +68,10 @@ def describe(ev: pb.WatchRoundsResponse) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     channel = ChannelConfig(insecure=args.insecure, tls_dir=args.tls_dir, identity=args.identity)
-    cfg = TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)
-                            if getattr(args, f.name, None) is not None}).validate()
+    values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if getattr(args, f.name, None) is not None}
+    if args.command == "run":  # workers calibrate DP noise to the planned rounds: plan the ones this runs
+        values.setdefault("total_rounds", args.rounds)
+    cfg = TrainingConfig(**values).validate()
     async with OperatorClient(args.coordinator, channel) as op:
         if args.command == "status":
             show_status(await op.status())

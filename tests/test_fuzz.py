@@ -179,9 +179,10 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 
 def pieces(data: bytes, n: int) -> list[bytes]:
-    """data in n in-order pieces (some may be empty)."""
-    step = -(-len(data) // n) if data else 0
-    return [data[i * step:(i + 1) * step] for i in range(n)]
+    """data in n non-empty in-order pieces (an empty chunk among several is itself a fault); n <= len(data)."""
+    n = max(1, min(n, len(data)))
+    bounds = [len(data) * i // n for i in range(n + 1)]
+    return [data[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
 @st.composite
@@ -192,6 +193,7 @@ def disorder(draw: st.DrawFn, data: bytes, after_complete: bool = True) -> tuple
     (On the node a completed payload is evaluated at once, so there "after_complete" has no single point of
     refusal and is left out.)
     """
+    assert len(data) >= 6, "disorder needs a payload of at least 6 bytes"
     n = draw(st.integers(2, 6))
     parts = pieces(data, n)
     fault = draw(st.sampled_from(["first_not_zero", "gap", "duplicate", "count_changed", "count_zero",
@@ -249,7 +251,8 @@ def pass_msg(rid: int, key: fhe_pb2.WeightKey | tuple[int, int, int] | None, ind
 
 
 def pass_msgs(rid: int, key: tuple[int, int, int], data: bytes, n: int = 1) -> list[fhe_pb2.EvaluateRequest]:
-    return [pass_msg(rid, key, i, n, p) for i, p in enumerate(pieces(data, n))]
+    parts = pieces(data, n)
+    return [pass_msg(rid, key, i, len(parts), p) for i, p in enumerate(parts)]
 
 
 def evaluate(what: str, requests: Sequence[fhe_pb2.EvaluateRequest], expected: grpc.StatusCode | None) -> Case:
@@ -326,7 +329,7 @@ def bad_key(draw: st.DrawFn) -> Case:
 @st.composite
 def chunk_disorder(draw: st.DrawFn) -> Case:
     rid, key = draw(request_ids), draw(valid_keys)
-    fault, chunks = draw(disorder(draw(st.binary(min_size=0, max_size=600)), after_complete=False))
+    fault, chunks = draw(disorder(draw(st.binary(min_size=6, max_size=600)), after_complete=False))
     msgs = [pass_msg(rid, key, i, n, d) for i, n, d in chunks]
     if draw(st.booleans()):  # the fault arrives while another, incomplete request is pending
         other = draw(request_ids.filter(lambda r: r != rid))
@@ -694,7 +697,8 @@ def stream(kind: type, header: Any, chunks: Sequence[tuple[int, int, bytes]]) ->
 
 
 def in_order(data: bytes = PAYLOAD, n: int = 1) -> list[tuple[int, int, bytes]]:
-    return [(i, n, p) for i, p in enumerate(pieces(data, n))]
+    parts = pieces(data, n)
+    return [(i, len(parts), p) for i, p in enumerate(parts)]
 
 
 def overrun(data: bytes, n: int, extra: bytes) -> list[tuple[int, int, bytes]]:

@@ -42,7 +42,8 @@ async def global_adapter(cfg: GenerateConfig) -> tuple[LoraConfig, dict[str, tor
     key = load_key_file(cfg.consortium_key)
     async with make_channel(cfg.coordinator, cfg) as channel:
         patch = await fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(channel), cfg.round)
-    mean = open_patch(key, patch.header.federation_id, patch)  # UpdateCryptoError: nothing is applied
+    mean = open_patch(key, patch.header.federation_id, patch, expected_round=cfg.round,
+                      min_participants=cfg.min_aggregate)  # UpdateCryptoError: nothing is applied
     return lora_config(config_from_proto(patch.header.config)), adapter_tensors(mean), patch.header.round
 
 

@@ -30,6 +30,7 @@ class GenerateConfig(WorkerConfig):
     coordinator: str = opt("", help="fetch the federated adapter from this coordinator (HOST:PORT)")
     consortium_key: Path | None = opt(None, help="the consortium update key file that opens the adapter")
     round: int = opt(0, help="the round whose global adapter to apply (0: the newest)")
+    min_aggregate: int = opt(2, help="open only aggregates of at least this many hospitals")
     prompt: str = opt("", help="text to continue")
     max_new_tokens: int = opt(20, help="tokens to generate")
 

@@ -174,7 +174,8 @@ class FederatedWorker:
                 raise FailedPrecondition(f"the federation changed its LoRA settings mid-run ({self.lora} → {lora})")
             return self.runtime
         self.runtime = self.runtime_factory(self.cfg.mode, self.cfg.model, by_name(self.cfg.param_set), lora,
-                                            fhe_target=self.cfg.fhe, channel=self.cfg)
+                                            fhe_target=self.cfg.fhe, channel=self.cfg,
+                                            reconnect_seconds=self.cfg.reconnect_seconds)
         self.lora = lora
         client = self.runtime.client
         if client is not None:  # every hint in one stream up front: the first steps do not stall on them

@@ -30,14 +30,15 @@ class Runtime:
 
 
 def build(mode: str, model_id: str, params: LweParams, lora: LoraConfig | None = None, *,
-          fhe_target: str = "", channel: ChannelConfig | None = None) -> Runtime:
+          fhe_target: str = "", channel: ChannelConfig | None = None, reconnect_seconds: float = 60.0) -> Runtime:
     """fhe: base linears on the node over LWE; local: the worker multiplies the same int weights; float: reference."""
     weights = load_model(model_id)
     client = None
     if mode == "fhe":
         if not fhe_target:
             raise ValueError("fhe mode needs the FHE node's address (--fhe HOST:PORT)")
-        client = FheClient(fhe_target, channel or ChannelConfig(insecure=True), params, model_id)
+        client = FheClient(fhe_target, channel or ChannelConfig(insecure=True), params, model_id,
+                           reconnect_seconds=reconnect_seconds)
         base: Any = QuantizedLinears(FheEngine(client))
     elif mode == "local":
         base = QuantizedLinears(LocalEngine(NodeWeights(weights), params))
