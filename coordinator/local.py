@@ -313,8 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="JSON report (default RUN_DIR/report.json); a PNG plot goes beside it")
     p.add_argument("--run-dir", type=Path, help="keep everything here (default: a new temporary directory)")
     p.add_argument("--min-workers", type=int, default=2, help="updates a round needs")
-    p.add_argument("--modes", help="compute mode per hospital, cycled (fhe: encrypted on the node; local)")
-    p.add_argument("--param-set", choices=["exact", "compact"], help="LWE parameter set of the fhe hospitals")
+    def per_model(name: str) -> str:
+        return "default per model: " + ", ".join(f"{m} {PRESETS[m][name]}" for m in PRESETS)
+
+    p.add_argument("--modes", help="compute mode per hospital, cycled (fhe: encrypted on the node; local); "
+                                   + per_model("modes"))
+    p.add_argument("--param-set", choices=["exact", "compact"],
+                   help="LWE parameter set of the fhe hospitals; " + per_model("param_set"))
     p.add_argument("--epsilon", type=float, default=8.0, help="DP budget per hospital over the whole run")
     p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: 1/(10·N) per hospital)")
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (comparison only)")
@@ -331,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets",
                  "max_seq_len", "records", "eval_records", "round_deadline"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(PRESETS["tiny"][name]),
-                       help=f"default per model: {', '.join(f'{m} {PRESETS[m][name]}' for m in PRESETS)}")
+                       help=per_model(name))
     return p
 
 
