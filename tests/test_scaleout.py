@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 from conftest import ServerThread
@@ -9,14 +11,36 @@ from conftest import ServerThread
 from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
 from common.models import load_model
-from common.rpc import start_server
+from common.rpc import make_channel, start_server
 from common.stages import NodeWeights
-from fedfhe.v1 import fhe_pb2_grpc
+from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
 from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
 from worker.model import SplitLlama
+
+OPEN = fhe_pb2.EvaluateRequest(open=fhe_pb2.OpenSession(seed=bytes(32), param_set=common_pb2.PARAM_SET_EXACT,
+                                                         model_id="tiny"))
+
+
+async def spread(target: str, sessions: int, opened: asyncio.Event, release: asyncio.Event) -> None:
+    """Open `sessions` Evaluate streams on one round_robin channel once every node is connected;
+    set `opened`, and hold them until `release`."""
+    async with make_channel(target, ChannelConfig(insecure=True, load_balancing="round_robin")) as channel:
+        await channel.channel_ready()
+        await asyncio.sleep(1.0)  # the other subchannels connect too: round_robin only picks READY ones
+        stub = fhe_pb2_grpc.FheServiceStub(channel)
+        calls = []
+        for _ in range(sessions):
+            call = stub.Evaluate()
+            await call.write(OPEN)
+            assert (await call.read()).WhichOneof("kind") == "opened"
+            calls.append(call)
+        opened.set()
+        await release.wait()
+        for call in calls:
+            await call.done_writing()
 
 
 def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
@@ -30,18 +54,30 @@ def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
                                       [SERVICE])
         threads.append(ServerThread(start))
     target = "ipv4:" + ",".join(f"127.0.0.1:{t.running.port}" for t in threads)  # what dns:/// resolves to
-    channel = ChannelConfig(insecure=True, load_balancing="round_robin")
-    clients = [FheClient(target, channel, EXACT, "tiny") for _ in range(4)]
     try:
-        assert [len(s.sessions) for s in servicers] == [2, 2]  # four sessions, two per node
-        ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-        local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)))
-        with torch.no_grad():
-            want = local(ids)
-            for c in clients:  # hints may come from either node: they depend only on the seed and W
-                np.testing.assert_array_equal(SplitLlama(tiny, QuantizedLinears(FheEngine(c)))(ids), want)
+        async def check_spread() -> None:
+            opened, release = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(spread(target, 4, opened, release))
+            await opened.wait()
+            assert [len(s.sessions) for s in servicers] == [2, 2]  # one channel: sessions alternate nodes
+            release.set()
+            await task
+        asyncio.run(check_spread())
+        # Workers, each with its own channel: whichever node a session lands on, the products are exact
+        # (hints depend only on the public seed and weights, so they may come from either node).
+        clients = [FheClient(target, ChannelConfig(insecure=True, load_balancing="round_robin"), EXACT, "tiny")
+                   for _ in range(4)]
+        try:
+            assert sum(len(s.sessions) for s in servicers) == 4
+            ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+            local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)))
+            with torch.no_grad():
+                want = local(ids)
+                for c in clients:
+                    np.testing.assert_array_equal(SplitLlama(tiny, QuantizedLinears(FheEngine(c)))(ids), want)
+        finally:
+            for c in clients:
+                c.close()
     finally:
-        for c in clients:
-            c.close()
         for t in threads:
             t.stop()
