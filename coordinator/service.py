@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -167,30 +167,50 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                            specs=[(s.name, tuple(s.shape)) for s in h.tensors], size_bytes=h.size_bytes,
                            key_check_value=h.key_check_value, nonce=h.nonce)
 
-    async def SubmitUpdate(self, request_iterator: AsyncIterator[coordinator_pb2.SubmitUpdateRequest],
-                           context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitUpdateResponse:
+    async def _upload(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext, header_kind: str,
+                      begin: Callable[[str, Any], tuple[UpdateClaim, TensorLayout]],
+                      finish: Callable[[str, UpdateClaim, TensorLayout, PatchBuffer, Any], None],
+                      abandon: Callable[[str, UpdateClaim], None]) -> UpdateClaim:
+        """One encrypted upload (an update or a restore): header, checks, chunks into a locked scratch buffer.
+
+        begin(name, header) reserves the worker's slot; only an upload that got it frees it, so a refused
+        duplicate cannot release the one still streaming. The scratch buffer is zeroed whatever happens:
+        a single contribution never outlives its addition.
+        """
         fed = self.federation
         name, claim, reserved, scratch = "", None, False, None
         try:
-            h, iterator = await self._receive(request_iterator, "UpdateHeader")
-            assert isinstance(h, coordinator_pb2.UpdateHeader)
+            h, iterator = await self._receive(request_iterator, header_kind)
             name, _ = self._caller(context, h.worker_id, "worker")
-            claim = self._claim(h, h.num_samples, h.epsilon_spent, h.no_dp)
-            layout = fed.begin_update(name, claim)
-            reserved = True  # from here on the slot is ours to free if anything fails
+            claim, layout = begin(name, h)
+            reserved = True
             scratch = PatchBuffer(layout.size_bytes, require_mlock=fed.settings.require_mlock)
             await self._payload(iterator, layout, h.digest, scratch)
             reserved = False
-            fed.finish_update(name, claim, layout, scratch)
-            return coordinator_pb2.SubmitUpdateResponse(round=claim.round, accepted=True)
+            finish(name, claim, layout, scratch, h)
+            return claim
         except FedfheError as exc:
             await abort_with(context, exc)
             raise AssertionError("unreachable") from exc
         finally:
             if scratch is not None:
-                scratch.close()  # zeroed: a single contribution never outlives its addition
+                scratch.close()
             if reserved and claim is not None:
-                fed.abandon_update(name, claim.round)
+                abandon(name, claim)
+
+    async def SubmitUpdate(self, request_iterator: AsyncIterator[coordinator_pb2.SubmitUpdateRequest],
+                           context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitUpdateResponse:
+        fed = self.federation
+
+        def begin(name: str, h: coordinator_pb2.UpdateHeader) -> tuple[UpdateClaim, TensorLayout]:
+            claim = self._claim(h, h.num_samples, h.epsilon_spent, h.no_dp)
+            return claim, fed.begin_update(name, claim)
+
+        claim = await self._upload(
+            request_iterator, context, "UpdateHeader", begin,
+            lambda name, claim, layout, scratch, _: fed.finish_update(name, claim, layout, scratch),
+            lambda name, claim: fed.abandon_update(name, claim.round))
+        return coordinator_pb2.SubmitUpdateResponse(round=claim.round, accepted=True)
 
     async def DeclineRound(self, request: coordinator_pb2.DeclineRoundRequest,
                            context: grpc.aio.ServicerContext) -> coordinator_pb2.DeclineRoundResponse:
@@ -220,27 +240,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def RestorePatch(self, request_iterator: AsyncIterator[coordinator_pb2.RestorePatchRequest],
                            context: grpc.aio.ServicerContext) -> coordinator_pb2.RestorePatchResponse:
         fed = self.federation
-        name, scratch, reserved = "", None, False
-        try:
-            h, iterator = await self._receive(request_iterator, "RestoreHeader")
-            assert isinstance(h, coordinator_pb2.RestoreHeader)
-            name, _ = self._caller(context, h.worker_id, "worker")
+
+        def begin(name: str, h: coordinator_pb2.RestoreHeader) -> tuple[UpdateClaim, TensorLayout]:
             config_from_proto(h.config)  # a restored adapter must say how to rebuild it
             claim = self._claim(h, 1, 0.0, False)
-            layout = fed.begin_restore(name, claim)
-            reserved = True  # only a restore that got the worker's slot may free it
-            scratch = PatchBuffer(layout.size_bytes, require_mlock=fed.settings.require_mlock)
-            await self._payload(iterator, layout, h.digest, scratch)
-            fed.finish_restore(name, claim, layout, scratch, h.config)
-            return coordinator_pb2.RestorePatchResponse(round=claim.round, accepted=True)
-        except FedfheError as exc:
-            await abort_with(context, exc)
-            raise AssertionError("unreachable") from exc
-        finally:
-            if scratch is not None:
-                scratch.close()
-            if reserved:
-                fed.abandon_restore(name)
+            return claim, fed.begin_restore(name, claim)
+
+        claim = await self._upload(
+            request_iterator, context, "RestoreHeader", begin,
+            lambda name, claim, layout, scratch, h: fed.finish_restore(name, claim, layout, scratch, h.config),
+            lambda name, _: fed.abandon_restore(name))
+        return coordinator_pb2.RestorePatchResponse(round=claim.round, accepted=True)
 
     async def GetStatus(self, request: coordinator_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.GetStatusResponse:

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
+
 from common.config import ChannelConfig, ServerConfig
 from common.messages import TrainingConfig
 from common.models import load_model
-from common.rpc import RunningServer, start_server
+from common.rpc import RunningServer, make_channel, start_server
 from common.stages import NodeWeights
 from common.updates import ConsortiumKey, write_key_file
 from coordinator.__main__ import SERVICE as COORDINATOR
@@ -160,3 +162,40 @@ async def federation(tmp_path: Path, names: Sequence[str], settings: Settings, *
             w.close()
         await fx.coord.stop(0)
         fx.fed.close()
+
+
+class RpcWorker:
+    """A worker at the RPC level: registers, keeps a watch stream open, collects its round events."""
+
+    def __init__(self, address: str, name: str, key: ConsortiumKey, *, max_message_bytes: int = 16 << 20) -> None:
+        self.name, self.key = name, key
+        self.channel = make_channel(address, ChannelConfig(insecure=True, max_message_bytes=max_message_bytes))
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self.events: asyncio.Queue[coordinator_pb2.WatchRoundsResponse] = asyncio.Queue()
+        self.watch: asyncio.Task[None] | None = None
+        self.federation = ""
+
+    async def join(self) -> None:
+        reg = await self.stub.Register(coordinator_pb2.RegisterRequest(
+            worker_name=self.name, num_records=10, key_check_value=self.key.check_value()))
+        self.federation = reg.federation_id
+        call = self.stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(worker_id=self.name))
+
+        async def pump() -> None:
+            try:
+                async for ev in call:
+                    await self.events.put(ev)
+            except grpc.aio.AioRpcError:
+                pass  # the coordinator went away or the test ended the stream
+        self.watch = asyncio.create_task(pump())
+
+    async def next_event(self, kind: str) -> coordinator_pb2.WatchRoundsResponse:
+        while True:
+            ev = await asyncio.wait_for(self.events.get(), 30)
+            if ev.WhichOneof("event") == kind:
+                return ev
+
+    async def leave(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+        await self.channel.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedkit import FAST, Operator, start_coordinator
+from fedkit import FAST, Operator, RpcWorker, start_coordinator
 
 from common.chunks import split
 from common.config import ChannelConfig, ServerConfig
@@ -30,33 +30,11 @@ def tensors(seed: int) -> dict[str, np.ndarray]:
     return {"a": rng.normal(0, 0.1, (8, 4)).astype(np.float32), "b": rng.normal(0, 0.1, (3,)).astype(np.float32)}
 
 
-class FakeWorker:
-    """A worker at the RPC level: register, hold a watch stream open, submit encrypted updates."""
+class FakeWorker(RpcWorker):
+    """An RPC-level worker that submits encrypted updates of small random tensors."""
 
     def __init__(self, address: str, name: str, key: ConsortiumKey = KEY) -> None:
-        self.name, self.key = name, key
-        self.channel = make_channel(address, ChannelConfig(insecure=True))
-        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
-        self.events: asyncio.Queue[pb.WatchRoundsResponse] = asyncio.Queue()
-        self.watch: asyncio.Task[None] | None = None
-        self.federation = ""
-
-    async def join(self) -> None:
-        reg = await self.stub.Register(pb.RegisterRequest(worker_name=self.name, num_records=10,
-                                                          key_check_value=self.key.check_value()))
-        self.federation = reg.federation_id
-        call = self.stub.WatchRounds(pb.WatchRoundsRequest(worker_id=self.name))
-
-        async def pump() -> None:
-            async for ev in call:
-                await self.events.put(ev)
-        self.watch = asyncio.create_task(pump())
-
-    async def next_event(self, kind: str) -> pb.WatchRoundsResponse:
-        while True:
-            ev = await asyncio.wait_for(self.events.get(), 30)
-            if ev.WhichOneof("event") == kind:
-                return ev
+        super().__init__(address, name, key)
 
     def requests(self, round_: int, n: int = 5, *, seed: int = 0, digest: bytes | None = None,
                  data: dict | None = None) -> list[pb.SubmitUpdateRequest]:
@@ -76,11 +54,6 @@ class FakeWorker:
             for r in reqs:
                 yield r
         return await self.stub.SubmitUpdate(gen())
-
-    async def leave(self) -> None:
-        if self.watch is not None:
-            self.watch.cancel()
-        await self.channel.close()
 
 
 async def code_of(coro) -> grpc.StatusCode:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedkit import start_coordinator
+from fedkit import RpcWorker, start_coordinator
 from google.protobuf import text_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -947,33 +947,11 @@ def bad_rpc_during_round(draw: st.DrawFn, rpc: str) -> Case:
     return Case(f"{rpc}: {fault}", rpc, req, code)
 
 
-class Member:
-    """A worker at the RPC level: registers, keeps a watch stream open, submits encrypted updates."""
+class Member(RpcWorker):
+    """An RPC-level worker of the fuzzed round (large messages allowed, to send oversized ones)."""
 
     def __init__(self, address: str, name: str) -> None:
-        self.name = name
-        self.channel = make_channel(address, ChannelConfig(insecure=True, max_message_bytes=64 << 20))
-        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
-        self.events: asyncio.Queue[pb.WatchRoundsResponse] = asyncio.Queue()
-        self.watch: asyncio.Task[None] | None = None
-
-    async def join(self) -> None:
-        await self.stub.Register(pb.RegisterRequest(worker_name=self.name, num_records=10, key_check_value=KCV))
-        call = self.stub.WatchRounds(pb.WatchRoundsRequest(worker_id=self.name))
-
-        async def pump() -> None:
-            try:
-                async for ev in call:
-                    await self.events.put(ev)
-            except grpc.aio.AioRpcError:
-                pass
-        self.watch = asyncio.create_task(pump())
-
-    async def next_event(self, kind: str) -> pb.WatchRoundsResponse:
-        while True:
-            ev = await asyncio.wait_for(self.events.get(), 30)
-            if ev.WhichOneof("event") == kind:
-                return ev
+        super().__init__(address, name, KEY, max_message_bytes=64 << 20)
 
     def update(self, round_: int, n: int, seed: int) -> tuple[pb.SubmitUpdateRequest, ...]:
         enc = encrypt_update(KEY, FEDERATION, round_, self.name, tensors(seed), n)
@@ -983,11 +961,6 @@ class Member:
 
     async def submit(self, round_: int, n: int, seed: int) -> pb.SubmitUpdateResponse:
         return await self.stub.SubmitUpdate(iter(self.update(round_, n, seed)))
-
-    async def leave(self) -> None:
-        if self.watch is not None:
-            self.watch.cancel()
-        await self.channel.close()
 
 
 class Coordinator:
