@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
     p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--replay-seed", type=int, default=0,
+                   help="repeatable run: workers draw sampling and DP noise from a stream keyed by this seed "
+                        "(comparisons only, NOT private; 0: the OS CSPRNG)")
     p.add_argument("--generate", default="Discharge summary: patient admitted with chest pain.", metavar="PROMPT",
                    help="after the last round, hospital-1 generates from PROMPT with and without the federated "
                         "adapter (empty: skip)")
@@ -369,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run directory: {run_dir}")
     print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
           f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
+          f"{f'REPLAYABLE randomness, seed {args.replay_seed} (comparison run); ' if args.replay_seed else ''}"
           f"{'full LoRA' if args.full_lora else 'FFA-LoRA'} rank {args.lora_rank} on {args.lora_targets}")
     procs: list[subprocess.Popen] = []
     hospitals: list[Hospital] = []
@@ -405,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmd += ["--fhe", node_addr]
             if args.no_dp:
                 cmd.append("--no-dp")
+            if args.replay_seed:
+                cmd += ["--replay-seed", str(args.replay_seed)]
             hospitals.append(Hospital(name, mode, cmd, run_dir / "metrics" / f"{name}.jsonl"))
             hospitals[-1].start()
         run = Run(args, run_dir, hospitals, config)
@@ -441,6 +447,7 @@ def make_report(run: Run, seconds: float) -> dict[str, Any]:
                              else None} for h in run.hospitals},
         "settings": {"rounds": args.rounds, "min_workers": args.min_workers, "param_set": args.param_set,
                      "epsilon": args.epsilon, "delta": args.delta or None, "dp": not args.no_dp,
+                     "replay_seed": args.replay_seed or None,
                      "max_grad_norm": args.max_grad_norm, "records_largest_hospital": args.records,
                      "training": {**run.config.__dict__, "lora_targets": list(run.config.lora_targets)}},
         "baseline_eval_loss": mean_eval(run.hospitals, 0),

@@ -16,7 +16,14 @@ One run times, side by side and interleaved (best of N), for W (d×d) int8 and X
   uploaded value. It runs on the same exact GEMM as ours (one centered
   float64 limb mod 2^32), so the comparison is of the schemes, not of code
   quality. Large shapes time a measured subset (rows of W, tokens) and
-  extrapolate linearly; the table marks those rows.
+  extrapolate linearly; the table marks those rows;
+- with --zama, an outside anchor: Zama's concrete-ml-extensions (GLWE
+  encrypted-activation × clear-weight matmul, as in Concrete ML's hybrid
+  models) on the shapes of --zama-shapes, in the threads=1 child with
+  RAYON_NUM_THREADS=1: client keygen, encrypt (X^T as uint64 rows), server
+  matmul by W^T, decrypt, and the max error against the integer product.
+  Its server takes minutes at 576×576×16, so it is timed --zama-repeat
+  times (not interleaved); encrypt and decrypt are best of --repeat.
 
 Every encrypted product is checked (exact set: bit-exact against the integer
 product; compact set and baseline: the decoded error is reported). Each thread
@@ -25,6 +32,7 @@ at import (as in scripts/bench_gemm_quick.py).
 
     python scripts/bench_matmul.py [--quick] [--dims 256,576,1024,2048,4096] [--tokens 1,16,128,512]
         [--repeat 5] [--threads 1,default] [--baseline-gflop 10] [--json FILE]
+        [--zama [--zama-shapes 576x16] [--zama-repeat 1]]    # needs: pip install -e '.[anchors]'
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +61,11 @@ QUICK_DIMS, QUICK_TOKENS = (576, 2048), (16, 128)
 HEADLINE = (2048, 128)  # d, T of the must-show figure
 TARGET_NODE_RATIO = 5.5  # exact-set node time / fp32, at most
 TARGET_BASELINE_SPEEDUP = 100.0  # scalar-LWE server time / exact-set node time, at least
+ZAMA_PACKAGE = "concrete-ml-extensions"  # the `anchors` extra of pyproject.toml
+ZAMA_SHAPES = "576x16"  # d×T: its single-thread server needs ~3 min here; every extra d or T scales it linearly
+# concrete-ml-extensions parallelises with rayon, which reads this once, when its pool starts: BLAS variables
+# do not reach it, so the threads=1 child sets it too.
+ZAMA_THREAD_VARS = ("RAYON_NUM_THREADS",)
 
 
 # ------------------------------------------------------------------ machine and child processes
@@ -103,9 +117,9 @@ def machine_line(m: dict[str, Any]) -> str:
 
 
 def child_env(threads: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS + ZAMA_THREAD_VARS}
     if threads != "default":
-        env.update(dict.fromkeys(THREAD_VARS, threads))
+        env.update(dict.fromkeys(THREAD_VARS + ZAMA_THREAD_VARS, threads))
     return env
 
 
@@ -226,6 +240,85 @@ def baseline_subset(d_out: int, d_in: int, t: int, n: int, budget_flop: float) -
     return max(16, min(d_out, int(budget_flop // per_token_row))), 1
 
 
+# ------------------------------------------------------------------ the Zama anchor (concrete-ml-extensions)
+
+
+def import_zama() -> ModuleType:
+    """Zama's package, imported only under --zama: the benchmark itself must run without it."""
+    try:
+        import concrete_ml_extensions
+    except ImportError as e:
+        raise SystemExit(f"--zama needs Zama's {ZAMA_PACKAGE} (CPU wheel): pip install -e '.[anchors]'") from e
+    return concrete_ml_extensions
+
+
+def bench_zama(wd: Width, t: int, repeat: int, server_repeat: int, rng) -> dict[str, Any]:
+    """Zama's private matmul on W (d×d int8) and X (d×T int8), laid out as its API wants: X^T·W^T.
+
+    The client encrypts X^T (T rows of d values, each row packed in GLWEs of
+    2048 coefficients); the server multiplies by the clear W^T (d_in × d_out)
+    and compresses each output row into GLWEs; the client decrypts a T×d_out
+    matrix. Both operands go in as uint64 (two's complement, as Concrete ML
+    does) and the result comes back as uint64 to be read as int64. We keep
+    Zama's shipped default parameters (those Concrete ML uses): the product
+    must fit in their `bits_reserved_for_computation` (27), so X is int8
+    (Zama's 8-bit regime), not our 21-bit activations. Its error is absolute,
+    tens of units whatever the magnitude (output compression: packing key
+    switch and a 26-bit storage modulus), so it is reported, not checked.
+    """
+    from importlib.metadata import version
+
+    import numpy as np
+
+    fx = import_zama()
+    d = wd.d
+    x = rng.integers(-127, 128, size=(d, t), dtype=np.int64)
+    want = np.rint(wd.w64 @ x.astype(np.float64)).astype(np.int64)
+    cfg = json.loads(fx.default_params())
+    need_bits = int(np.abs(wd.w8.astype(np.int64)).sum(axis=1).max() * 127).bit_length() + 1  # + sign
+    if need_bits > cfg["bits_reserved_for_computation"]:
+        raise SystemExit(f"zama: W·X at d={d} needs {need_bits} bits, its default parameters reserve "
+                         f"{cfg['bits_reserved_for_computation']}; drop d={d} from --zama-shapes")
+    params = fx.MatmulCryptoParameters.deserialize(fx.default_params())
+    # The last output GLWE is partly filled: decrypt_matrix must be told how many of its values are real.
+    n_valid = d % cfg["polynomial_size"] or cfg["polynomial_size"]
+    w_t = np.ascontiguousarray(wd.w8.T.astype(np.int64)).astype(np.uint64)  # server side, once per W: not timed
+
+    t0 = time.perf_counter()
+    pkey, ckey = fx.create_private_key(params)
+    keygen_ms = (time.perf_counter() - t0) * 1e3
+
+    def encrypt():
+        return fx.encrypt_matrix(pkey, params, np.ascontiguousarray(x.T).astype(np.uint64))
+
+    def decrypt(res):
+        return fx.decrypt_matrix(res, pkey, params, n_valid).view(np.int64).T
+
+    ct = encrypt()
+    server_wall, server_cpu = [], []
+    for _ in range(server_repeat):  # minutes per product: no warm-up, not interleaved with the cases above
+        c0, t0 = time.process_time(), time.perf_counter()
+        res = fx.matrix_multiplication(ct, w_t, ckey)
+        server_wall.append((time.perf_counter() - t0) * 1e3)
+        server_cpu.append((time.process_time() - c0) * 1e3)
+    got = decrypt(res)
+    timer = Timer()
+    timer.add("encrypt", encrypt)
+    timer.add("decrypt", lambda: decrypt(res))
+    wall, _ = timer.run(repeat)
+    err = np.abs(got - want)
+    return {
+        "version": version(ZAMA_PACKAGE), "threads": int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count() or 1)),
+        "act_bits": 8, "weight_bits": 8, "bits_reserved_for_computation": cfg["bits_reserved_for_computation"],
+        "product_bits_needed": need_bits, "polynomial_size": cfg["polynomial_size"], "keygen_ms": keygen_ms,
+        "server_ms": min(server_wall), "server_cpu_ms": min(server_cpu), "server_runs": server_repeat,
+        "encrypt_ms": wall["encrypt"], "decrypt_ms": wall["decrypt"], "client_ms": wall["encrypt"] + wall["decrypt"],
+        "max_abs_error": int(err.max()), "mean_abs_error": float(err.mean()), "snr_db": _snr_db(want, got),
+        "up_bytes_per_token": len(ct.serialize()) / t, "down_bytes_per_token": len(res.serialize()) / t,
+        "compression_key_bytes": len(ckey.serialize()),
+    }
+
+
 # ------------------------------------------------------------------ one shape
 
 
@@ -286,7 +379,8 @@ def _snr_db(want, got) -> float | None:
     return None if noise == 0 else 10 * math.log10(float(np.mean(want.astype(np.float64) ** 2)) / noise)
 
 
-def bench_shape(wd: Width, t: int, repeat: int, budget_flop: float, rng) -> dict[str, Any]:
+def bench_shape(wd: Width, t: int, repeat: int, budget_flop: float, rng, zama_server_repeat: int = 0
+                ) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -392,6 +486,12 @@ def bench_shape(wd: Width, t: int, repeat: int, budget_flop: float, rng) -> dict
     for st in wd.sets.values():  # free the per-T arrays before the next shape
         for k in ("x", "enc", "y", "pad", "hs", "y2"):
             st.pop(k, None)
+    if zama_server_repeat:
+        z = out["zama"] = bench_zama(wd, t, repeat, zama_server_repeat, rng)
+        for name in wd.sets:  # > 1: ours faster. Worker: full encrypt + decrypt vs Zama's client encrypt + decrypt.
+            o = out[name]
+            z[f"{name}_node_speedup"] = z["server_ms"] / o["node_ms"]
+            z[f"{name}_worker_speedup"] = z["client_ms"] / (o["encrypt_ms"] + o["decrypt_ms"])
     return out
 
 
@@ -408,11 +508,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for d in args.dims:
         wd = Width(d, rng)
         for t in args.tokens:
-            r = bench_shape(wd, t, args.repeat, args.baseline_gflop * 1e9, rng)
+            # Zama runs single-threaded only (RAYON_NUM_THREADS=1 in this child): minutes per product already.
+            zama = args.zama_repeat if args.threads == "1" and (d, t) in args.zama_shapes else 0
+            r = bench_shape(wd, t, args.repeat, args.baseline_gflop * 1e9, rng, zama)
             shapes.append(r)
             print(f"  threads={args.threads} d={d} T={t}: fp32 {r['fp32_ms']:.2f} ms, exact node "
                   f"{r['exact']['node_ms']:.2f} ms ({r['exact']['node_ratio_vs_fp32']:.2f}x), scalar "
-                  f"{r['scalar']['server_ms']:.0f} ms ({r['scalar']['exact_speedup']:.0f}x slower)",
+                  f"{r['scalar']['server_ms']:.0f} ms ({r['scalar']['exact_speedup']:.0f}x slower)"
+                  + (f", zama server {r['zama']['server_ms']:.0f} ms ({r['zama']['exact_node_speedup']:.0f}x "
+                     f"slower), max error {r['zama']['max_abs_error']}" if "zama" in r else ""),
                   file=sys.stderr, flush=True)
     info["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     info["cpu_pressure_after"] = cpu_pressure()
@@ -473,6 +577,23 @@ def print_report(report: dict[str, Any]) -> None:
         console.print("* extrapolated linearly from the timed subset (rows of W × tokens); "
                       "every scalar-LWE token is an independent block of the same cost")
         console.print(worker)
+        zrows = [r for r in run["shapes"] if "zama" in r]
+        if zrows:
+            zt = Table(title=f"anchor: Zama {ZAMA_PACKAGE} {zrows[0]['zama']['version']} (encrypted X, clear W, "
+                             f"{zrows[0]['zama']['threads']} rayon thread(s); X int8 for Zama) vs ours (ms)")
+            for col in ("d", "T", "Zama server", "exact node", "faster by", "compact node", "faster by",
+                        "Zama enc+dec", "exact enc+dec", "faster by", "Zama max err", "exact", "compact",
+                        "Zama keygen", "Zama up B/tok"):
+                zt.add_column(col, justify="right")
+            for r in zrows:
+                z, e, c = r["zama"], r["exact"], r["compact"]
+                zt.add_row(str(r["d"]), str(r["tokens"]), _fmt_ms(z["server_ms"]), _fmt_ms(e["node_ms"]),
+                           f"{z['exact_node_speedup']:,.0f}×", _fmt_ms(c["node_ms"]),
+                           f"{z['compact_node_speedup']:,.0f}×", _fmt_ms(z["client_ms"]),
+                           _fmt_ms(e["encrypt_ms"] + e["decrypt_ms"]), f"{z['exact_worker_speedup']:.2f}×",
+                           str(z["max_abs_error"]), str(e["max_abs_error"]), str(c["max_abs_error"]),
+                           _fmt_ms(z["keygen_ms"]), _fmt_bytes(z["up_bytes_per_token"]))
+            console.print(zt)
         head = next((r for r in run["shapes"] if (r["d"], r["tokens"]) == HEADLINE), None)
         if head:
             ratio, speed = head["exact"]["node_ratio_vs_fp32"], head["scalar"]["exact_speedup"]
@@ -488,6 +609,19 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """'576x16,1024x16' (d×T) or '576x576x16' (d_out×d_in×T, square here: W is d×d) -> [(d, T), ...]."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        dims = [int(v) for v in item.lower().replace("×", "x").split("x")]
+        if len(dims) == 3 and dims[0] == dims[1]:
+            dims = dims[1:]
+        if len(dims) != 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: want DxT or DxDxT (W is d×d in this benchmark)")
+        shapes.append((dims[0], dims[1]))
+    return shapes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=_ints, default=list(DIMS), help="comma-separated widths d")
@@ -498,18 +632,37 @@ def main() -> None:
     ap.add_argument("--baseline-gflop", type=float, default=10.0,
                     help="timed work per scalar-LWE server product; larger shapes are extrapolated")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--zama", action="store_true",
+                    help=f"also time Zama's {ZAMA_PACKAGE} (threads=1 child only); pip install -e '.[anchors]'")
+    ap.add_argument("--zama-shapes", type=_shapes, default=_shapes(ZAMA_SHAPES),
+                    help=f"comma-separated DxT (or DxDxT) shapes for --zama, each in --dims × --tokens "
+                         f"(default {ZAMA_SHAPES})")
+    ap.add_argument("--zama-repeat", type=int, default=1, help="timed Zama server products per shape (best kept)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.dims, args.tokens, args.repeat = list(QUICK_DIMS), list(QUICK_TOKENS), min(args.repeat, 3)
+    if not args.zama:
+        args.zama_shapes = []
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.zama:
+        import_zama()  # fail now, not after the first child's minutes of work
+        if "1" not in args.threads.split(","):
+            raise SystemExit("--zama runs in the threads=1 child: include 1 in --threads")
+        missing = [s for s in args.zama_shapes if s[0] not in args.dims or s[1] not in args.tokens]
+        if missing or args.zama_repeat < 1:
+            raise SystemExit(f"--zama-shapes {missing} not in --dims × --tokens (or --zama-repeat < 1)")
     forwarded = ["--dims", ",".join(map(str, args.dims)), "--tokens", ",".join(map(str, args.tokens)),
                  "--repeat", str(args.repeat), "--baseline-gflop", str(args.baseline_gflop)]
+    if args.zama:
+        forwarded += ["--zama", "--zama-shapes", ",".join(f"{d}x{t}" for d, t in args.zama_shapes),
+                      "--zama-repeat", str(args.zama_repeat)]
     runs = [run_child(__file__, forwarded, t) for t in args.threads.split(",")]
     report = {"benchmark": "bench_matmul", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "repeat": args.repeat, "baseline_gflop": args.baseline_gflop, "security_note": security_note(),
+              "zama_shapes": args.zama_shapes,
               "targets": {"headline": HEADLINE, "node_ratio_max": TARGET_NODE_RATIO,
                           "baseline_speedup_min": TARGET_BASELINE_SPEEDUP},
               "runs": runs}

@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from common.chunks import Assembler, split
 from common.errors import FailedPrecondition, FedfheError
 from common.lwe.params import by_name
+from common.lwe.prg import DeterministicRandomness
 from common.messages import (
     TrainingConfig,
     config_from_proto,
@@ -184,8 +186,10 @@ class FederatedWorker:
                 client.prefetch_hints(progress=update)
             log.info("hints fetched", count=client.hint_count, bytes=client.bytes_down,
                      seconds=round(time.perf_counter() - start, 2))
+        rng = (DeterministicRandomness(f"{self.cfg.replay_seed}/{self.worker_id}".encode())
+               if self.cfg.replay_seed else os.urandom)
         self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id,
-                               ledger=self.cfg.privacy_ledger)
+                               ledger=self.cfg.privacy_ledger, rng=rng)
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 

@@ -53,7 +53,7 @@ def expand_a(seed: bytes, rows: int, params: LweParams) -> np.ndarray:
 
 
 class DeterministicRandomness:
-    """AES-256-CTR keystream from a fixed key: reproducible randomness for tests only."""
+    """AES-256-CTR keystream from a fixed key: reproducible randomness for tests and replayed comparison runs."""
 
     def __init__(self, seed: int | bytes) -> None:
         material = seed if isinstance(seed, bytes) else seed.to_bytes(32, "little", signed=False)
