@@ -30,12 +30,12 @@ import grpc
 
 from common.certs import make_federation_pki
 from common.config import ChannelConfig
+from common.datagen.generator import generate_dataset
 from common.messages import TrainingConfig
 from common.models import MODEL_IDS
 from common.updates import ConsortiumKey, write_key_file
 from coordinator.operator import OperatorClient
 from fedfhe.v1 import coordinator_pb2 as pb
-from worker.data import generate_dataset
 
 READY_TIMEOUT_S = 900  # loading SmolLM2 and quantizing its weights takes a while on 2 cores
 

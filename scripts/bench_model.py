@@ -300,7 +300,8 @@ def truncated(mw: ModelWeights, layers: int) -> ModelWeights:
 
 def token_batch(model_id: str, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, tokens) ids cut from synthetic clinical notes (worker.data), no padding."""
-    from worker.data import hospital_notes, hospital_profiles, tokenize_notes
+    from common.datagen.generator import hospital_notes, hospital_profiles
+    from worker.data import tokenize_notes
     from worker.runtime import tokenizer
 
     notes, _ = hospital_notes(hospital_profiles(1)[0], n_train=4 * batch + 8, n_eval=0, seed=0)

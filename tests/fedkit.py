@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from common.config import ChannelConfig, ServerConfig
+from common.datagen.generator import generate_dataset
 from common.messages import TrainingConfig
 from common.models import load_model
 from common.rpc import RunningServer, make_channel, start_server
@@ -24,8 +25,8 @@ from fedfhe.v1 import coordinator_pb2, coordinator_pb2_grpc, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE as FHE
 from fhe_server.service import FheServicer
 from worker.config import JoinConfig
-from worker.data import generate_dataset
-from worker.federation import FederatedWorker, load_records
+from worker.data import load_records
+from worker.federation import FederatedWorker
 from worker.runtime import tokenizer
 
 FAST = TrainingConfig(local_steps=3, batch_size=4, learning_rate=2e-2, lora_rank=4, lora_alpha=8.0,

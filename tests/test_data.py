@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from canaries import make_canaries, plant_canaries
 
-from worker import templates
-from worker.data import (
-    PII_LABELS,
-    Note,
-    NotesFormatError,
-    batches,
-    generate_dataset,
-    load_notes,
-    main,
-    make_canaries,
-    plant_canaries,
-    tokenize_notes,
-)
+from common.datagen import templates
+from common.datagen.generator import generate_dataset, main
+from common.notes import PII_LABELS, Note, NotesFormatError, load_notes
+from worker.data import batches, tokenize_notes
 
 RECORDS = 40      # train notes of the largest hospital: enough for the specialty mix to show
 GLOBAL_EVAL = 21  # three per specialty

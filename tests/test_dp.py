@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from canaries import make_canaries, plant_canaries
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant, create_accountant
 from scipy import stats
 
+from common.datagen.generator import generate_dataset
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
 from common.messages import TrainingConfig
-from worker.data import generate_dataset, load_notes, make_canaries, pad_batch, plant_canaries, tokenize_notes
+from common.notes import load_notes
+from worker.data import pad_batch, tokenize_notes
 from worker.model import LoraConfig, per_sequence_loss, trainable_parameters
 from worker.runtime import ByteTokenizer, build
 from worker.train import CsprngDPOptimizer, DpSettings, Trainer, gaussian, poisson_sample, uniform

@@ -23,12 +23,13 @@ from common.errors import FedfheError
 from common.logs import configure_logging
 from common.lwe.params import by_name
 from common.messages import config_from_proto
+from common.notes import NotesFormatError
 from common.rpc import make_channel
 from common.updates import load_key_file
 from fedfhe.v1 import coordinator_pb2_grpc
 from worker.config import GenerateConfig, JoinConfig
-from worker.data import NotesFormatError
-from worker.federation import FederatedWorker, adapter_tensors, fetch_patch, load_records, lora_config, open_patch
+from worker.data import load_records
+from worker.federation import FederatedWorker, adapter_tensors, fetch_patch, lora_config, open_patch
 from worker.lora import load_lora_state_dict
 from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer

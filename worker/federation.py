@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -384,11 +383,3 @@ class FederatedWorker:
         if self.runtime is not None:
             self.runtime.close()
 
-
-def load_records(path: Path | None, tokenizer: Any, max_len: int, limit: int | None = None) -> list[list[int]]:
-    from worker.data import load_notes, tokenize_notes
-
-    if path is None:
-        return []
-    notes = load_notes(path)
-    return [r for r in tokenize_notes(notes[:limit] if limit else notes, tokenizer, max_len) if len(r) >= 2]

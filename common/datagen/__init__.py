@@ -1,0 +1,1 @@
+"""Synthetic clinical notes for local federations, tests and benchmarks (`fedfhe-data`)."""
