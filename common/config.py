@@ -87,7 +87,7 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, env: Mapping[str, str] 
     env = os.environ if env is None else env
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a config dataclass
         raw = getattr(ns, f.name, None)
         if raw is None:
             raw = env.get(env_name(f.name))

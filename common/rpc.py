@@ -1,16 +1,21 @@
-"""One place for gRPC server and channel construction: options, TLS, health, reflection, shutdown, errors.
+"""One place for gRPC server and channel construction: options, TLS, health, reflection, shutdown, errors, retries.
 
 Servicers stay thin: they call protocol-free logic, which raises
-common.errors types, and `status_for` maps those to status codes here.
+common.errors types; `CallInterceptor` (on every server) maps those to status
+codes, so no servicer writes a catch-and-abort block. Clients retry transient
+failures with one policy: `RETRYABLE` codes, `Backoff` delays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import errors
 from common.config import ChannelConfig, ServerConfig, parse, split_host_port
-from common.logs import LoggingInterceptor, configure_logging
+from common.logs import configure_logging
 from common.tls import channel_credentials, server_credentials
 
 log = structlog.get_logger("fedfhe.rpc")
@@ -63,8 +68,125 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: errors.FedfheError) -> None:
-    await context.abort(status_for(exc), str(exc))
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:
+        return "unknown"
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes are not valid protobuf."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # decoded where gRPC would answer UNKNOWN; the handler answers precisely
+            return _Undecodable(str(exc)[:200])
+    return load
+
+
+async def _checked(requests: Any) -> Any:
+    """A request stream that raises InvalidArgument (which servicers map) at an undecodable message."""
+    async for req in requests:
+        if isinstance(req, _Undecodable):
+            raise errors.InvalidArgument(f"undecodable request message: {req.error}")
+        yield req
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Every call of every service: log context, tolerant decoding, domain errors as status codes.
+
+    - Binds method, peer and a call id to structlog's context for the life of the call.
+    - Decodes requests tolerantly: a message that is not valid protobuf gets INVALID_ARGUMENT
+      instead of gRPC's UNKNOWN.
+    - A common.errors.FedfheError raised by a servicer (or the logic under it) aborts the call
+      with `status_for(exc)` and its message; anything else stays an error (INTERNAL).
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        def bind(context: Any) -> float:
+            structlog.contextvars.bind_contextvars(method=method, peer=_peer(context),
+                                                   call_id=uuid.uuid4().hex[:12])
+            return time.perf_counter()
+
+        def done(start: float, context: Any, error: BaseException | None) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            log.info("call finished", code=str(code or ("ERROR" if error else "OK")),
+                     ms=round((time.perf_counter() - start) * 1e3, 2))
+            structlog.contextvars.clear_contextvars()
+
+        streaming_request = bool(handler.stream_unary or handler.stream_stream)
+
+        async def undecodable(request: Any, context: Any) -> Any:
+            """The request as the handler should see it, or None after aborting with INVALID_ARGUMENT."""
+            if streaming_request:
+                return _checked(request)
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}")
+            return request
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.stream_unary_rpc_method_handler)
+        else:
+            inner = handler.unary_stream or handler.stream_stream
+            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                    else grpc.stream_stream_rpc_method_handler)
+
+        # grpc.aio runs a streaming handler according to its kind: an async generator is
+        # iterated, a coroutine writes with context.write. The wrapper keeps the kind.
+        if inspect.isasyncgenfunction(inner):
+
+            async def wrapped(request: Any, context: Any) -> Any:
+                start = bind(context)
+                error: BaseException | None = None
+                try:
+                    async for item in inner(await undecodable(request, context), context):
+                        yield item
+                except errors.FedfheError as exc:
+                    error = exc
+                    await context.abort(status_for(exc), str(exc))
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(start, context, error)
+        else:
+
+            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                start = bind(context)
+                error: BaseException | None = None
+                try:
+                    return await inner(await undecodable(request, context), context)
+                except errors.FedfheError as exc:
+                    error = exc
+                    await context.abort(status_for(exc), str(exc))
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(start, context, error)
+
+        return make(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
+                    response_serializer=handler.response_serializer)
 
 
 @dataclass
@@ -88,9 +210,9 @@ async def start_server(
     cfg: ServerConfig, register: Callable[[grpc.aio.Server], None], service_names: Sequence[str],
     *, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Build, bind and start a server with health checking, reflection and the logging interceptor."""
+    """Build, bind and start a server with health checking, reflection and the call interceptor."""
     cfg.validate()  # a config built in code gets the same refusals as one from flags
-    server = grpc.aio.server(interceptors=[LoggingInterceptor(), *interceptors],
+    server = grpc.aio.server(interceptors=[CallInterceptor(), *interceptors],
                              options=grpc_options(cfg.max_message_bytes))
     register(server)
     health_servicer = health.aio.HealthServicer()
@@ -152,7 +274,7 @@ async def serve_forever(cfg: ServerConfig, register: Callable[[grpc.aio.Server],
 
 
 def service_main(cls: type[ServerConfigT], argv: Sequence[str] | None, *, prog: str, description: str | None,
-                 serve: Callable[[ServerConfigT], Awaitable[None]]) -> None:
+                 serve: Callable[[ServerConfigT], Coroutine[Any, Any, None]]) -> None:
     """Console-script body of every server: parse config, configure logging, run `serve(cfg)`."""
     cfg = parse(cls, argv, prog=prog, description=description)
     configure_logging(cfg.log_format, cfg.log_level, cfg.log_file)
@@ -183,3 +305,38 @@ def make_channel(target: str, cfg: ChannelConfig) -> grpc.aio.Channel:
         raise errors.FailedPrecondition("a TLS channel needs --tls-dir and --identity (or --insecure)")
     creds = channel_credentials(cfg.tls_dir, cfg.identity)
     return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries: one policy for every client
+# --------------------------------------------------------------------------------------------------
+
+# A call broken by a restart, a lost connection or a server shutting down; anything else is not transient.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed call is worth repeating after a reconnect."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE
+
+
+class Backoff:
+    """Exponential delays between attempts, within a budget of `seconds` from the last success."""
+
+    def __init__(self, seconds: float, first: float = 0.2, cap: float = 5.0) -> None:
+        self.seconds, self.first, self.cap = seconds, first, cap
+        self.reset()
+
+    def reset(self) -> None:
+        """A success (or any sign of life): the budget and the delay start over."""
+        self.since = time.monotonic()
+        self.delay = self.first
+
+    @property
+    def exhausted(self) -> bool:
+        return time.monotonic() - self.since > self.seconds
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(2 * self.delay, self.cap)

@@ -1,25 +1,26 @@
-"""Public base weights by linear stage: stacked int8 matrices, per-row scales, plans, hints.
+"""Public base weights by linear stage: stacked int8 matrices, per-row scales, plans; what anyone can compute.
 
 Stages of a Llama block (see README "four dependent stages"): QKV = [q; k; v]
 on RMSNorm(x), O on the attention output, GATE_UP = [gate; up] on RMSNorm(h),
 DOWN on the MLP hidden. Forward applies W_int; backward applies W_intᵀ to
 (s_w ⊙ δ), which the worker prepares, so Wᵀ·δ = W_intᵀ·(s_w ⊙ δ).
+
+The node (fhe_server.node) multiplies ciphertexts by these matrices and makes
+hints from them; a worker derives the same plans and scales from the same
+public model, so it never has to take them from the node.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 
-from common.errors import InvalidArgument, NotFound
-from common.lwe import scheme
+from common.errors import NotFound
 from common.lwe.params import LweParams
 from common.lwe.planner import Plan, plan_for_weights
-from common.lwe.prg import expand_a
 from common.lwe.quant import quantize_rows
 from common.models import ModelWeights
 
@@ -65,10 +66,10 @@ def stage_weights(model: ModelWeights) -> list[dict[Stage, StageWeights]]:
     return out
 
 
-class NodeWeights:
-    """Everything the node computes from public weights: matrices, plans, hints (LRU-cached)."""
+class PublicWeights:
+    """The quantized public model by stage: matrices (int8 and cached float64), row scales, plans, digest."""
 
-    def __init__(self, model: ModelWeights, *, hint_cache_entries: int = 64) -> None:
+    def __init__(self, model: ModelWeights) -> None:
         self.model = model
         self.stages = stage_weights(model)
         digest = hashlib.sha256(model.model_id.encode())
@@ -79,8 +80,15 @@ class NodeWeights:
         self.digest = digest.digest()
         self._f64: dict[WeightKey, np.ndarray] = {}
         self._plans: dict[tuple[str, WeightKey], Plan] = {}
-        self._hints: OrderedDict[tuple[bytes, str, WeightKey], np.ndarray] = OrderedDict()
-        self._hint_cache_entries = hint_cache_entries
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.stages)
+
+    def keys(self) -> list[WeightKey]:
+        """Every stage of every layer, both directions: what a whole model's hints cover."""
+        return [WeightKey(layer, stage, direction) for layer in range(self.num_layers)
+                for stage in Stage for direction in Direction]
 
     def check_key(self, key: WeightKey) -> None:
         if not 0 <= key.layer < len(self.stages):
@@ -107,25 +115,3 @@ class NodeWeights:
         if k not in self._plans:
             self._plans[k] = plan_for_weights(params, self.matrix(key))
         return self._plans[k]
-
-    def hint(self, params: LweParams, seed: bytes, key: WeightKey) -> np.ndarray:
-        """H = W·A (d_out × n) for this seed; the most recent hints are cached."""
-        k = (seed, params.name, key)
-        if k in self._hints:
-            self._hints.move_to_end(k)
-            return self._hints[k]
-        w = self.matrix(key)
-        h = scheme.hint(params, self.matrix_f64(key), expand_a(seed, w.shape[1], params))
-        self._hints[k] = h
-        while len(self._hints) > self._hint_cache_entries:
-            self._hints.popitem(last=False)
-        return h
-
-    def evaluate(self, params: LweParams, key: WeightKey, b: np.ndarray) -> np.ndarray:
-        w = self.matrix(key)
-        if b.shape[0] != w.shape[1]:
-            raise InvalidArgument(
-                f"ciphertext has {b.shape[0]} rows, layer {key.layer} {key.stage.name} "
-                f"{key.direction.name.lower()} expects {w.shape[1]}"
-            )
-        return scheme.evaluate(params, self.matrix_f64(key), b)

@@ -31,8 +31,8 @@ import grpc
 from common.certs import make_federation_pki
 from common.config import ChannelConfig
 from common.datagen.generator import generate_dataset
-from common.messages import TrainingConfig
 from common.models import MODEL_IDS
+from common.training import TrainingConfig
 from common.updates import ConsortiumKey, write_key_file
 from coordinator.operator import OperatorClient
 from fedfhe.v1 import coordinator_pb2 as pb
@@ -234,7 +234,7 @@ def generate_both(run: Run, coord_addr: str) -> dict[str, str]:
 
 def round_record(run: Run, round_: int, closed: pb.RoundClosed, seconds: float, total: float) -> dict[str, Any]:
     parts = {p.worker_id: p for p in closed.participants}
-    per_worker = {}
+    per_worker: dict[str, dict[str, Any]] = {}
     for h in run.hospitals:
         sub = h.events("submitted", round_)
         declined = h.events("declined", round_)

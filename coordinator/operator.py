@@ -12,8 +12,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from common.config import ChannelConfig
-from common.messages import TrainingConfig, config_to_proto
+from common.messages import config_to_proto
 from common.rpc import make_channel
+from common.training import TrainingConfig
 from fedfhe.v1 import coordinator_pb2 as pb
 from fedfhe.v1 import coordinator_pb2_grpc
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import numpy as np
 import structlog
 
+from common.chunks import CHUNK_BYTES
 from common.errors import NotFound, ResourceExhausted
 from common.updates import add_payload
 
@@ -93,8 +94,8 @@ class PatchBuffer:
     def digest(self) -> bytes:
         """SHA-256 of the content, hashed in place."""
         h = hashlib.sha256()
-        for start in range(0, self.size, 1 << 20):
-            h.update(self._live()[start:start + (1 << 20)])
+        for start in range(0, self.size, CHUNK_BYTES):
+            h.update(self._live()[start:start + CHUNK_BYTES])
         return h.digest()
 
     @property
@@ -142,6 +143,9 @@ class PatchStore:
 
     def rounds(self) -> list[int]:
         return list(self._buffers)
+
+    def buffers(self) -> list[PatchBuffer]:
+        return list(self._buffers.values())
 
     @property
     def total_bytes(self) -> int:

@@ -9,8 +9,15 @@ The round policy:
 - The round closes as soon as no eligible, connected worker is still pending,
   or at the deadline: with at least `min_workers` updates it is aggregated,
   otherwise it fails and nothing is kept.
-- Updates are added into a PatchBuffer as they arrive (the coordinator never
-  holds them apart); the aggregates of the last `keep_rounds` rounds are kept.
+- Updates are added into the round's accumulator buffer as they arrive (the
+  coordinator never holds them apart); the aggregates of the last
+  `keep_rounds` rounds are kept in the PatchStore, their only owner.
+
+An upload (an update or a restore) is an `Upload` from its header to its
+addition: `begin_update`/`begin_restore` check the header and reserve the
+worker's slot, the upload streams into its own locked scratch buffer, and
+`commit` adds it; closing it zeroes the scratch and frees the slot whatever
+happened, so a single contribution never outlives its addition.
 
 Everything runs on one asyncio event loop (the server's), so no locks are
 needed; the deadline is a loop timer. Events go to watchers through queues.
@@ -24,11 +31,14 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from types import TracebackType
 
 import structlog
 
+from common.chunks import Assembler, ChunkLike
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from common.training import TrainingConfig
 from common.updates import MAX_PARTICIPANTS, NONCE_BYTES, TensorLayout, UpdateFormatError
 from coordinator.patchbuf import PatchBuffer, PatchStore
 
@@ -64,7 +74,7 @@ class ParticipantInfo:
 @dataclass(frozen=True)
 class RoundStartedEvent:
     round: int
-    config: Any  # opaque to the coordinator: the operator's RoundConfig, passed through
+    config: TrainingConfig  # the operator's, passed through (the coordinator never trains)
     deadline_unix_ms: int
     base_round: int
 
@@ -118,10 +128,17 @@ class Worker:
         return bool(self.watchers)
 
 
+class RoundState(StrEnum):  # the values GetStatus reports
+    OPEN = "open"
+    AGGREGATED = "aggregated"
+    FAILED = "failed"
+    EVICTED = "evicted"  # aggregated, then dropped from the store (the last `keep_rounds` are kept)
+
+
 @dataclass
 class Round:
     number: int
-    config: Any
+    config: TrainingConfig
     deadline_unix_ms: int
     eligible: tuple[str, ...]
     base_round: int
@@ -131,8 +148,8 @@ class Round:
     submissions: dict[str, ParticipantInfo] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
     layout: TensorLayout | None = None
-    buffer: PatchBuffer | None = None
-    state: str = "open"  # open → aggregated | failed; aggregated → evicted
+    accumulator: PatchBuffer | None = None  # the running sum while open; the PatchStore owns it after
+    state: RoundState = RoundState.OPEN
     reason: str = ""
     seconds: float = 0.0
     bytes_received: int = 0
@@ -146,12 +163,12 @@ class Round:
 
     def closed_event(self) -> RoundClosedEvent:
         return RoundClosedEvent(self.number, tuple(self.submissions.values()), self.total_samples,
-                                self.state == "aggregated", self.reason)
+                                self.state == RoundState.AGGREGATED, self.reason)
 
 
 @dataclass(frozen=True)
-class Patch:
-    """A stored aggregate as GetPatch serves it (read from its buffer chunk by chunk)."""
+class StoredAggregate:
+    """A round's encrypted aggregate as GetPatch serves it (read from its buffer chunk by chunk)."""
 
     round: int
     participants: tuple[ParticipantInfo, ...]
@@ -161,7 +178,7 @@ class Patch:
     digest: bytes
     key_check_value: bytes
     restored: bool
-    config: Any
+    config: TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,50 @@ class UpdateClaim:
     size_bytes: int
     key_check_value: bytes
     nonce: bytes
+    digest: bytes = b""  # SHA-256 of the payload
+    config: TrainingConfig | None = None  # a restore's: how to rebuild the adapter
+
+
+class UploadKind(StrEnum):
+    UPDATE = "update"
+    RESTORE = "restore"
+
+
+class Upload:
+    """One worker's encrypted upload, from its accepted header to its addition (see the module docstring).
+
+    The payload streams into a locked, undumpable scratch buffer; `commit` checks that it is
+    complete and matches its digest, then hands it to the federation. Use it as a context
+    manager: leaving it zeroes the scratch buffer and, unless committed, frees the worker's slot.
+    """
+
+    def __init__(self, federation: Federation, kind: UploadKind, worker: str, claim: UpdateClaim,
+                 layout: TensorLayout) -> None:
+        self.federation, self.kind, self.worker, self.claim, self.layout = federation, kind, worker, claim, layout
+        self.scratch = PatchBuffer(layout.size_bytes, require_mlock=federation.settings.require_mlock)
+        self._assembler = Assembler(layout.size_bytes, self.scratch.write, digest=claim.digest)
+        self._open = True
+
+    def add(self, chunk: ChunkLike) -> None:
+        self._assembler.add(chunk)
+
+    def commit(self) -> None:
+        self._assembler.finish(self.layout.size_bytes)
+        self._open = False  # the slot is the federation's to settle from here on
+        self.federation._commit(self)
+
+    def close(self) -> None:
+        self.scratch.close()
+        if self._open:
+            self._open = False
+            self.federation._abandon(self)
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 class Federation:
@@ -285,17 +346,25 @@ class Federation:
 
     @property
     def last_round(self) -> int:
-        return max((r.number for r in self.rounds.values() if r.state != "open"), default=0)
+        return max((r.number for r in self.rounds.values() if r.state != RoundState.OPEN), default=0)
 
     @property
     def open_round(self) -> Round | None:
         rnd = self.rounds.get(self.current_round)
-        return rnd if rnd is not None and rnd.state == "open" else None
+        return rnd if rnd is not None and rnd.state == RoundState.OPEN else None
+
+    def _live_buffers(self) -> list[PatchBuffer]:
+        return [*self.store.buffers(), *(r.accumulator for r in self.rounds.values() if r.accumulator is not None)]
+
+    def buffer_bytes(self, rnd: Round) -> int:
+        """Bytes a round holds in memory: its accumulator while open, its stored aggregate after."""
+        buf = rnd.accumulator if rnd.accumulator is not None else self.store.get(rnd.number)
+        return buf.size if buf is not None else 0
 
     @property
     def buffers_locked(self) -> bool:
         """Every live patch buffer is mlocked (true before the first one exists only if a probe locks)."""
-        live = [r.buffer for r in self.rounds.values() if r.buffer is not None and not r.buffer.closed]
+        live = self._live_buffers()
         if not live:
             probe = PatchBuffer(8)
             probe.close()
@@ -306,7 +375,7 @@ class Federation:
     def latest_patch_round(self) -> int:
         return max(self.store.rounds(), default=0)
 
-    def start_round(self, config: Any, deadline_seconds: float = 0.0) -> Round:
+    def start_round(self, config: TrainingConfig, deadline_seconds: float = 0.0) -> Round:
         if self.finished:
             raise FailedPrecondition("the federation is finished")
         if self.open_round is not None:
@@ -333,7 +402,7 @@ class Federation:
         rnd = self.rounds.get(round_)
         if rnd is None:
             raise FailedPrecondition(f"round {round_} has not started (current round {self.current_round})")
-        if rnd.state != "open":
+        if rnd.state != RoundState.OPEN:
             raise FailedPrecondition(f"round {round_} is closed ({rnd.state}): late submissions are refused")
         if worker not in rnd.eligible:
             raise FailedPrecondition(f"worker {worker!r} was not connected when round {round_} started: "
@@ -363,7 +432,7 @@ class Federation:
             raise InvalidArgument(f"header says {claim.size_bytes} bytes, its tensors need {layout.size_bytes}")
         return layout
 
-    def begin_update(self, worker: str, claim: UpdateClaim) -> TensorLayout:
+    def begin_update(self, worker: str, claim: UpdateClaim) -> Upload:
         """Check a submission's header before its payload streams in; reserves the worker's slot."""
         self.worker(worker)
         rnd = self._open(claim.round, worker)
@@ -373,32 +442,42 @@ class Federation:
                                   f"({len(layout.specs)} vs {len(rnd.layout.specs)} tensors)")
         if len(rnd.submissions) + len(rnd.receiving) >= MAX_PARTICIPANTS:
             raise ResourceExhausted(f"round {rnd.number} has its maximum of {MAX_PARTICIPANTS} participants")
+        upload = Upload(self, UploadKind.UPDATE, worker, claim, layout)
         rnd.receiving.add(worker)
-        return layout
+        return upload
 
-    def abandon_update(self, worker: str, round_: int) -> None:
+    def _abandon(self, upload: Upload) -> None:
         """The payload stream broke or failed its checks: free the slot (nothing was added)."""
-        rnd = self.rounds.get(round_)
-        if rnd is not None and worker in rnd.receiving:
-            rnd.receiving.discard(worker)
+        if upload.kind == UploadKind.RESTORE:
+            self._restoring.discard(upload.worker)
+            return
+        rnd = self.rounds.get(upload.claim.round)
+        if rnd is not None and upload.worker in rnd.receiving:
+            rnd.receiving.discard(upload.worker)
             self._maybe_close(rnd)  # it may have been the last one the round waited for
 
-    def finish_update(self, worker: str, claim: UpdateClaim, layout: TensorLayout,
-                      payload: bytes | PatchBuffer) -> None:
-        """Add a complete, digest-checked payload into the round's buffer; may close the round."""
+    def _commit(self, upload: Upload) -> None:
+        if upload.kind == UploadKind.RESTORE:
+            self._finish_restore(upload)
+        else:
+            self._finish_update(upload)
+
+    def _finish_update(self, upload: Upload) -> None:
+        """Add a complete, digest-checked payload into the round's accumulator; may close the round."""
+        worker, claim, layout = upload.worker, upload.claim, upload.layout
         rnd = self.rounds.get(claim.round)
         if rnd is None or worker not in rnd.receiving:
             raise FailedPrecondition(f"no submission of {worker!r} to round {claim.round} is in progress")
         rnd.receiving.discard(worker)
-        if rnd.state != "open":
+        if rnd.state != RoundState.OPEN:
             raise FailedPrecondition(f"round {claim.round} closed ({rnd.state}) while the update streamed in: "
                                      "late submissions are refused")
         if rnd.layout is not None and layout != rnd.layout:  # a concurrent first submission set another layout
             raise InvalidArgument(f"update tensors differ from round {rnd.number}'s first update")
-        if rnd.buffer is None:
+        if rnd.accumulator is None:
             rnd.layout = layout
-            rnd.buffer = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
-        rnd.buffer.add(payload)
+            rnd.accumulator = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
+        rnd.accumulator.add(upload.scratch)
         rnd.bytes_received += layout.size_bytes
         rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
                                                   claim.nonce)
@@ -420,12 +499,12 @@ class Federation:
         self._maybe_close(rnd)
 
     def _maybe_close(self, rnd: Round) -> None:
-        if rnd.state == "open" and not rnd.pending and not rnd.receiving:
+        if rnd.state == RoundState.OPEN and not rnd.pending and not rnd.receiving:
             self._close(rnd, deadline=False)
 
     def _deadline(self, round_: int) -> None:
         rnd = self.rounds.get(round_)
-        if rnd is not None and rnd.state == "open":
+        if rnd is not None and rnd.state == RoundState.OPEN:
             self._close(rnd, deadline=True)
 
     def _close(self, rnd: Round, *, deadline: bool) -> None:
@@ -434,17 +513,17 @@ class Federation:
         rnd.seconds = time.monotonic() - rnd.started
         n = len(rnd.submissions)
         how = "at the deadline" if deadline else "all connected eligible workers answered"
-        if n >= self.settings.min_workers and rnd.buffer is not None:
-            rnd.state, rnd.reason = "aggregated", f"{n} update(s), closed {how}"
-            rnd.digest = rnd.buffer.digest()
-            for old in self.store.put(rnd.number, rnd.buffer):
-                self.rounds[old].state = "evicted"
+        buf, rnd.accumulator = rnd.accumulator, None
+        if n >= self.settings.min_workers and buf is not None:
+            rnd.state, rnd.reason = RoundState.AGGREGATED, f"{n} update(s), closed {how}"
+            rnd.digest = buf.digest()
+            for old in self.store.put(rnd.number, buf):
+                self.rounds[old].state = RoundState.EVICTED
         else:
-            rnd.state = "failed"
+            rnd.state = RoundState.FAILED
             rnd.reason = f"{n} update(s) {how}; at least {self.settings.min_workers} needed (--min-workers)"
-            if rnd.buffer is not None:
-                rnd.buffer.close()
-        rnd.buffer = None if rnd.state == "failed" else rnd.buffer
+            if buf is not None:
+                buf.close()
         rnd.receiving.clear()
         log.info("round closed", round=rnd.number, state=rnd.state, reason=rnd.reason,
                  participants=sorted(rnd.submissions), seconds=round(rnd.seconds, 2))
@@ -462,18 +541,19 @@ class Federation:
 
     # ---- patches ----------------------------------------------------------------------------------
 
-    def patch(self, round_: int) -> Patch:
+    def aggregate(self, round_: int) -> StoredAggregate:
         round_ = round_ or self.latest_patch_round
         rnd = self.rounds.get(round_)
         if rnd is None or round_ == 0:
             raise NotFound(f"no aggregate for round {round_} (newest: {self.latest_patch_round or 'none'})")
-        if rnd.state == "open":
+        if rnd.state == RoundState.OPEN:
             raise FailedPrecondition(f"round {round_} is still open")
         buf = self.store.get(round_)
-        if rnd.state != "aggregated" or buf is None or rnd.layout is None:
-            detail = f"it was evicted (the last {self.store.keep} are kept)" if rnd.state == "evicted" else rnd.reason
+        if rnd.state != RoundState.AGGREGATED or buf is None or rnd.layout is None:
+            detail = (f"it was evicted (the last {self.store.keep} are kept)" if rnd.state == RoundState.EVICTED
+                      else rnd.reason)
             raise NotFound(f"no aggregate for round {round_}: {detail}")
-        return Patch(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf, rnd.digest,
+        return StoredAggregate(round_, tuple(rnd.submissions.values()), rnd.total_samples, rnd.layout, buf, rnd.digest,
                      self.key_check_value, rnd.restored, rnd.config)
 
     def _restorable(self, round_: int) -> bool:
@@ -482,7 +562,7 @@ class Federation:
             return True
         return all(r.restored for r in self.rounds.values()) and round_ > max(self.rounds)
 
-    def begin_restore(self, worker: str, claim: UpdateClaim) -> TensorLayout:
+    def begin_restore(self, worker: str, claim: UpdateClaim) -> Upload:
         """A worker offers the global adapter of a round after a restart left this coordinator empty.
 
         Until the next round starts, a newer restored round replaces an older one, so the worker holding
@@ -500,27 +580,26 @@ class Federation:
             raise FailedPrecondition(f"worker {worker!r} is already restoring")
         if claim.num_samples != 1:
             raise InvalidArgument("a restored aggregate has weight 1")
+        if claim.config is None:
+            raise InvalidArgument("a restored aggregate must carry its round config (how to rebuild it)")
         layout = self._check_claim(claim, f"restore by {worker!r}")
+        upload = Upload(self, UploadKind.RESTORE, worker, claim, layout)
         self._restoring.add(worker)
-        return layout
+        return upload
 
-    def abandon_restore(self, worker: str) -> None:
-        self._restoring.discard(worker)
-
-    def finish_restore(self, worker: str, claim: UpdateClaim, layout: TensorLayout, payload: bytes | PatchBuffer,
-                       config: Any) -> None:
+    def _finish_restore(self, upload: Upload) -> None:
+        worker, claim, layout = upload.worker, upload.claim, upload.layout
+        assert claim.config is not None  # begin_restore refuses a restore without one
         self._restoring.discard(worker)
         if not self._restorable(claim.round):
             raise FailedPrecondition(f"round {self.current_round} is already here (restored first or started)")
         buf = PatchBuffer(layout.size_bytes, require_mlock=self.settings.require_mlock)
-        buf.add(payload)
-        for old in list(self.rounds.values()):  # an older restored round gives way
-            if old.buffer is not None:
-                old.buffer.close()
-            del self.rounds[old.number]
+        buf.add(upload.scratch)
+        self.rounds.clear()  # an older restored round gives way (restorable: no round of its own is open)
         self.store.close()
-        rnd = Round(claim.round, config, int(self._clock() * 1000), (worker,), 0, state="aggregated",
-                    reason=f"restored by {worker}", layout=layout, buffer=buf, restored=True, digest=buf.digest())
+        rnd = Round(claim.round, claim.config, int(self._clock() * 1000), (worker,), 0,
+                    state=RoundState.AGGREGATED, reason=f"restored by {worker}", layout=layout, restored=True,
+                    digest=buf.digest())
         rnd.submissions[worker] = ParticipantInfo(worker, 1, claim.epsilon, claim.no_dp, claim.nonce)
         self.rounds[claim.round] = rnd
         self.store.put(claim.round, buf)
@@ -530,6 +609,6 @@ class Federation:
         for rnd in self.rounds.values():
             if rnd.timer is not None:
                 rnd.timer.cancel()
-            if rnd.buffer is not None:
-                rnd.buffer.close()
+            if rnd.accumulator is not None:
+                rnd.accumulator.close()
         self.store.close()

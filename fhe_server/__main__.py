@@ -1,4 +1,4 @@
-"""fedfhe-fhe-server: serve public base-model weights and evaluate W·B on LWE ciphertexts."""
+"""fedfhe-fhe-server: serve public base-model weights and multiply LWE ciphertexts by them (W·B)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import structlog
 from common.config import ServerConfig, opt
 from common.models import MODEL_IDS, load_model
 from common.rpc import serve_forever, service_main
-from common.stages import NodeWeights
+from common.stages import PublicWeights
 from fedfhe.v1 import fhe_pb2, fhe_pb2_grpc
+from fhe_server.node import Node
 from fhe_server.service import FheServicer
 
 SERVICE = fhe_pb2.DESCRIPTOR.services_by_name["FheService"].full_name
@@ -25,8 +26,8 @@ class FheServerConfig(ServerConfig):
 
 async def serve(cfg: FheServerConfig) -> None:
     structlog.get_logger("fedfhe.fhe_server").info("loading model", model=cfg.model)
-    weights = await asyncio.to_thread(lambda: NodeWeights(load_model(cfg.model)))
-    servicer = FheServicer(weights, insecure=cfg.insecure)
+    weights = await asyncio.to_thread(lambda: PublicWeights(load_model(cfg.model)))
+    servicer = FheServicer(Node(weights), insecure=cfg.insecure)
     await serve_forever(cfg, lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
 
 

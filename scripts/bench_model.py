@@ -69,9 +69,10 @@ from common.lwe import scheme, wire  # noqa: E402
 from common.lwe.params import LweParams, by_name  # noqa: E402
 from common.models import ModelWeights, load_model  # noqa: E402
 from common.rpc import RunningServer, start_server  # noqa: E402
-from common.stages import Direction, NodeWeights, Stage, WeightKey  # noqa: E402
+from common.stages import Direction, PublicWeights, Stage, WeightKey  # noqa: E402
 from fedfhe.v1 import fhe_pb2_grpc  # noqa: E402
 from fhe_server.__main__ import SERVICE  # noqa: E402
+from fhe_server.node import Limits, Node  # noqa: E402
 from fhe_server.service import FheServicer  # noqa: E402
 from worker.fhe_client import FheClient  # noqa: E402
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears  # noqa: E402
@@ -149,9 +150,9 @@ def instrument_wire(probe: Probe) -> None:
     probe.patch(wire, "decode", lambda data, **k: dec_names.get(k.get("kind"), "ser.other"))
 
 
-def instrument_node(probe: Probe, weights: NodeWeights) -> None:
-    probe.patch(weights, "evaluate", lambda params, key, b: f"node.gemm.{_direction(key)}")
-    probe.patch(weights, "hint", lambda *a, **k: "hint.node_compute")
+def instrument_node(probe: Probe, node: Node) -> None:
+    probe.patch(node, "product", lambda params, key, b: f"node.gemm.{_direction(key)}")
+    probe.patch(node, "hint", lambda *a, **k: "hint.node_compute")
 
 
 def instrument_worker(probe: Probe, client: FheClient, bases: dict[str, Any]) -> None:
@@ -164,7 +165,7 @@ def instrument_worker(probe: Probe, client: FheClient, bases: dict[str, Any]) ->
     p.patch(scheme, "matmul_mod", lambda *a, **k: {"encrypt": "worker.offline.AS",
                                                    "decrypt": "worker.offline.HS"}.get(p.phase or ""))
     # The worker's view of one remote product: encode, send, wait, receive, decode.
-    p.patch(client, "evaluate", lambda key, b: f"roundtrip.{_direction(key)}")
+    p.patch(client, "multiply", lambda key, b: f"roundtrip.{_direction(key)}")
     for name, base in bases.items():
         p.patch(base, "forward", lambda *a, name=name: f"{name}.linears.fwd")
         p.patch(base, "backward", lambda *a, name=name: f"{name}.linears.bwd")
@@ -207,8 +208,8 @@ BREAKDOWN_LABELS = {
 class NodeThread:
     """The FHE node in this process: a grpc.aio server on its own event loop (shares the GIL with the worker)."""
 
-    def __init__(self, weights: NodeWeights, server_cfg: ServerConfig) -> None:
-        servicer = FheServicer(weights)
+    def __init__(self, node: Node, server_cfg: ServerConfig) -> None:
+        servicer = FheServicer(node)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fhe-node", daemon=True)
         self.thread.start()
@@ -264,12 +265,12 @@ def node_child(args: argparse.Namespace) -> int:
     """Runs in the node process: serve, then answer 'snapshot' with the counters until 'stop'."""
     configure_logging(level="warning")
     mw = load_model(args.model)
-    weights = NodeWeights(truncated(mw, args.layers or mw.shape.num_layers), hint_cache_entries=1)
+    fhe_node = Node(PublicWeights(truncated(mw, args.layers or mw.shape.num_layers)), Limits(hint_cache_entries=1))
     probe = Probe()
     instrument_wire(probe)
-    instrument_node(probe, weights)
+    instrument_node(probe, fhe_node)
     cfg = ServerConfig(insecure=True) if args.insecure else ServerConfig(tls_dir=Path(args.tls_dir))
-    node = NodeThread(weights, cfg)
+    node = NodeThread(fhe_node, cfg)
     print(json.dumps({"port": node.port}), flush=True)
     for line in sys.stdin:
         if line.strip() == "snapshot":
@@ -367,7 +368,7 @@ def best_runs(fns: dict[str, Callable[[], Any]], repeat: int, probe: Counters,
     return best
 
 
-def bench_stages(bases: dict[str, Any], weights: NodeWeights, params: LweParams, rows: int, repeat: int,
+def bench_stages(bases: dict[str, Any], weights: PublicWeights, params: LweParams, rows: int, repeat: int,
                  probe: Counters, client: FheClient) -> list[dict[str, Any]]:
     """Every linear stage of layer 0, both directions, rows = batch·tokens activations at once."""
     rng = np.random.default_rng(0)  # benchmark inputs only
@@ -592,12 +593,13 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     mw = truncated(mw, args.layers or mw.shape.num_layers)
     n_layers = mw.shape.num_layers
-    weights = NodeWeights(mw, hint_cache_entries=1)
+    weights = PublicWeights(mw)
     probe = Probe()
     instrument_wire(probe)
     if node is None:
-        instrument_node(probe, weights)
-        node = NodeThread(weights, server_cfg)
+        fhe_node = Node(weights, Limits(hint_cache_entries=1))
+        instrument_node(probe, fhe_node)
+        node = NodeThread(fhe_node, server_cfg)
     elif isinstance(node, NodeProcess):
         node.wait_ready()
     client = FheClient(f"{target_host}:{node.port}", channel, params, mw.model_id)

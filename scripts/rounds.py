@@ -27,7 +27,7 @@ from rich.table import Table
 
 from common.config import ChannelConfig
 from common.errors import FedfheError
-from common.messages import TrainingConfig
+from common.training import TrainingConfig
 from coordinator.operator import OperatorClient
 from fedfhe.v1 import coordinator_pb2 as pb
 

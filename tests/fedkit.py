@@ -12,10 +12,10 @@ import grpc
 
 from common.config import ChannelConfig, ServerConfig
 from common.datagen.generator import generate_dataset
-from common.messages import TrainingConfig
 from common.models import load_model
-from common.rpc import RunningServer, make_channel, start_server
-from common.stages import NodeWeights
+from common.rpc import RunningServer, start_server
+from common.stages import PublicWeights
+from common.training import TrainingConfig
 from common.updates import ConsortiumKey, write_key_file
 from coordinator.__main__ import SERVICE as COORDINATOR
 from coordinator.operator import OperatorClient
@@ -23,8 +23,10 @@ from coordinator.service import CoordinatorServicer
 from coordinator.state import Federation, Settings
 from fedfhe.v1 import coordinator_pb2, coordinator_pb2_grpc, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE as FHE
+from fhe_server.node import Node
 from fhe_server.service import FheServicer
 from worker.config import JoinConfig
+from worker.coordinator_client import CoordinatorClient
 from worker.data import load_records
 from worker.federation import FederatedWorker
 from worker.runtime import tokenizer
@@ -39,7 +41,7 @@ def make_data(root: Path, hospitals: int = 3, records: int = 24) -> Path:
 
 
 async def start_node(model: str = "tiny") -> RunningServer:
-    servicer = FheServicer(NodeWeights(load_model(model)))
+    servicer = FheServicer(Node(PublicWeights(load_model(model))))
     return await start_server(ServerConfig(insecure=True),
                               lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [FHE])
 
@@ -63,13 +65,13 @@ class RecordingWorker(FederatedWorker):
         super().__init__(*args, **kwargs)
         self.submitted: dict[int, dict] = {}
 
-    async def _submit(self, stub, round_, result, cfg):  # type: ignore[no-untyped-def]
+    async def _submit(self, client, round_, result, cfg):  # type: ignore[no-untyped-def]
         from worker.lora import lora_state_dict
 
         assert self.runtime is not None
         state = {k: v.numpy().copy() for k, v in lora_state_dict(self.runtime.model).items()}
         self.submitted[round_] = {"state": state, "n": result.num_samples}
-        return await super()._submit(stub, round_, result, cfg)
+        return await super()._submit(client, round_, result, cfg)
 
 
 def join_config(name: str, data: Path, key_file: Path, coordinator: str, node: str, *, mode: str = "local",
@@ -170,17 +172,16 @@ class RpcWorker:
 
     def __init__(self, address: str, name: str, key: ConsortiumKey, *, max_message_bytes: int = 16 << 20) -> None:
         self.name, self.key = name, key
-        self.channel = make_channel(address, ChannelConfig(insecure=True, max_message_bytes=max_message_bytes))
-        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self.client = CoordinatorClient(address, ChannelConfig(insecure=True, max_message_bytes=max_message_bytes))
+        self.stub = self.client.stub  # for tests that send what no well-behaved client would
         self.events: asyncio.Queue[coordinator_pb2.WatchRoundsResponse] = asyncio.Queue()
         self.watch: asyncio.Task[None] | None = None
         self.federation = ""
 
     async def join(self) -> None:
-        reg = await self.stub.Register(coordinator_pb2.RegisterRequest(
-            worker_name=self.name, num_records=10, key_check_value=self.key.check_value()))
+        reg = await self.client.register(self.name, 10, self.key.check_value(), no_dp=False)
         self.federation = reg.federation_id
-        call = self.stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(worker_id=self.name))
+        call = self.client.watch(self.name)
 
         async def pump() -> None:
             try:
@@ -199,4 +200,4 @@ class RpcWorker:
     async def leave(self) -> None:
         if self.watch is not None:
             self.watch.cancel()
-        await self.channel.close()
+        await self.client.close()

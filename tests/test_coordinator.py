@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fedkit import FAST, Operator, RpcWorker, start_coordinator
 
-from common.chunks import split
+from common.chunks import chunk_messages
 from common.config import ChannelConfig, ServerConfig
 from common.messages import config_to_proto, contributions, layout_from_proto, layout_to_proto
 from common.rpc import make_channel
@@ -36,24 +36,23 @@ class FakeWorker(RpcWorker):
     def __init__(self, address: str, name: str, key: ConsortiumKey = KEY) -> None:
         super().__init__(address, name, key)
 
-    def requests(self, round_: int, n: int = 5, *, seed: int = 0, digest: bytes | None = None,
-                 data: dict | None = None) -> list[pb.SubmitUpdateRequest]:
+    def update(self, round_: int, n: int = 5, *, seed: int = 0, digest: bytes | None = None,
+               data: dict | None = None) -> tuple[pb.UpdateHeader, bytes]:
         enc = encrypt_update(self.key, self.federation, round_, self.name, data or tensors(seed), n)
         header = pb.UpdateHeader(round=round_, num_samples=n, epsilon_spent=1.5,
                                  tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload),
                                  digest=digest or enc.digest, worker_id=self.name,
                                  key_check_value=self.key.check_value(), nonce=enc.nonce)
-        return [pb.SubmitUpdateRequest(header=header)] + [
-            pb.SubmitUpdateRequest(chunk=common_pb2.Chunk(index=i, count=c, data=p))
-            for i, c, p in split(enc.payload, 100)]
+        return header, enc.payload
+
+    def requests(self, round_: int, **kw) -> list[pb.SubmitUpdateRequest]:  # type: ignore[no-untyped-def]
+        """The upload as messages, in 100-byte chunks, for tests that break the stream."""
+        header, payload = self.update(round_, **kw)
+        return [pb.SubmitUpdateRequest(header=header),
+                *(pb.SubmitUpdateRequest(chunk=c) for c in chunk_messages(payload, 100))]
 
     async def submit(self, round_: int, **kw) -> pb.SubmitUpdateResponse:  # type: ignore[no-untyped-def]
-        reqs = self.requests(round_, **kw)
-
-        async def gen() -> AsyncIterator[pb.SubmitUpdateRequest]:
-            for r in reqs:
-                yield r
-        return await self.stub.SubmitUpdate(gen())
+        return await self.client.submit_update(*self.update(round_, **kw))
 
 
 async def code_of(coro) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -162,13 +161,15 @@ async def test_only_the_last_rounds_are_kept_and_evicted_buffers_are_closed(fede
     _, fed, op, add = federation
     a, b = await add("a"), await add("b")
     await op.wait_connected(["a", "b"])
+    stored = []
     for r in (1, 2, 3):
         await op.stub.StartRound(pb.StartRoundRequest(config=config_to_proto(FAST)))
         await a.submit(r)
         await b.submit(r)
         await a.next_event("closed")
+        stored.append(fed.store.get(r))
     assert fed.store.rounds() == [2, 3] and fed.rounds[1].state == "evicted"
-    assert fed.rounds[1].buffer is not None and fed.rounds[1].buffer.closed
+    assert stored[0] is not None and stored[0].closed and not stored[2].closed
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await a.stub.GetPatch(pb.GetPatchRequest(round=1)).read()
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND and "evicted" in exc.value.details()

@@ -16,8 +16,8 @@ from scipy import stats
 from common.datagen.generator import generate_dataset
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
-from common.messages import TrainingConfig
 from common.notes import load_notes
+from common.training import TrainingConfig
 from worker.data import pad_batch, tokenize_notes
 from worker.model import LoraConfig, per_sequence_loss, trainable_parameters
 from worker.runtime import ByteTokenizer, build
@@ -204,13 +204,14 @@ def test_dp_training_is_identical_in_fhe_and_local_modes() -> None:
     from common.config import ChannelConfig, ServerConfig
     from common.models import load_model
     from common.rpc import start_server
-    from common.stages import NodeWeights
+    from common.stages import PublicWeights
     from fedfhe.v1 import fhe_pb2_grpc
     from fhe_server.__main__ import SERVICE
+    from fhe_server.node import Node
     from fhe_server.service import FheServicer
     from worker.lora import lora_state_dict
 
-    servicer = FheServicer(NodeWeights(load_model("tiny")))
+    servicer = FheServicer(Node(PublicWeights(load_model("tiny"))))
 
     async def start():  # type: ignore[no-untyped-def]
         return await start_server(ServerConfig(insecure=True),

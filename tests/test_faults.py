@@ -16,13 +16,15 @@ from fedkit import FAST, RecordingWorker, federation
 from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
-from common.messages import TrainingConfig, config_from_proto
+from common.messages import config_from_proto
 from common.models import load_model
 from common.rpc import start_server
-from common.stages import NodeWeights
+from common.stages import PublicWeights
+from common.training import TrainingConfig
 from coordinator.state import Settings
 from fedfhe.v1 import fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
+from fhe_server.node import Node
 from fhe_server.service import FheServicer
 from worker.lora import lora_state_dict
 from worker.model import LoraConfig
@@ -32,29 +34,29 @@ from worker.train import DpSettings, Trainer
 pytestmark = pytest.mark.timeout(300)
 
 
-class FlakyWeights(NodeWeights):
-    """Public weights whose owner is told (once) when the n-th product starts: the moment to pull the plug."""
+class FlakyNode(Node):
+    """A node whose owner is told (once) when the n-th product starts: the moment to pull the plug."""
 
     def __init__(self, *args, crash_at: int, on_crash: threading.Event, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.calls, self.crash_at, self.on_crash = 0, crash_at, on_crash
 
-    def evaluate(self, params, key, b):  # type: ignore[no-untyped-def]
+    def multiply(self, session, request_id, key, data):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.calls == self.crash_at:
             self.on_crash.set()
             threading.Event().wait(0.5)  # the node dies while this product is in flight
-        return super().evaluate(params, key, b)
+        return super().multiply(session, request_id, key, data)
 
 
 class RestartableNode:
-    def __init__(self, weights: NodeWeights) -> None:
-        self.weights, self.port, self.restarts = weights, 0, 0
+    def __init__(self, node: Node) -> None:
+        self.node, self.port, self.restarts = node, 0, 0
         self.thread = self._start()
         self.port = self.thread.running.port
 
     def _start(self) -> ServerThread:
-        servicer = FheServicer(self.weights)
+        servicer = FheServicer(self.node)
 
         async def start():  # type: ignore[no-untyped-def]
             return await start_server(ServerConfig(insecure=True, listen=f"127.0.0.1:{self.port}"),
@@ -68,11 +70,9 @@ class RestartableNode:
         self.restarts += 1
 
 
-def train_through_node(weights: NodeWeights, crash_at: int | None) -> tuple[dict, int, int]:
+def train_through_node(weights: PublicWeights, crash_at: int | None) -> tuple[dict, int, int]:
     crash = threading.Event()
-    if crash_at is not None:
-        weights = FlakyWeights(weights.model, crash_at=crash_at, on_crash=crash)
-    node = RestartableNode(weights)
+    node = RestartableNode(Node(weights) if crash_at is None else FlakyNode(weights, crash_at=crash_at, on_crash=crash))
     restarter = threading.Thread(target=lambda: crash.wait(60) and node.restart(), daemon=True)
     restarter.start()
     rt = build("fhe", "tiny", EXACT, LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"), seed=2),
@@ -92,7 +92,7 @@ def train_through_node(weights: NodeWeights, crash_at: int | None) -> tuple[dict
 
 
 def test_fhe_node_restarted_mid_step_gives_the_uninterrupted_result() -> None:
-    weights = NodeWeights(load_model("tiny"))
+    weights = PublicWeights(load_model("tiny"))
     want, sessions, restarts = train_through_node(weights, crash_at=None)
     assert (sessions, restarts) == (1, 0)
     got, sessions, restarts = train_through_node(weights, crash_at=20)  # mid-way through the first backward
@@ -127,10 +127,10 @@ class SlowWorker(RecordingWorker):
 
     slow: ClassVar[dict[int, threading.Event]] = {}
 
-    async def on_started(self, stub, started):  # type: ignore[no-untyped-def]
+    async def on_started(self, client, started):  # type: ignore[no-untyped-def]
         done = self.slow.get(started.round)
         if done is None:
-            return await super().on_started(stub, started)
+            return await super().on_started(client, started)
         await asyncio.to_thread(self.ensure_model, config_from_proto(started.config))
         assert self.trainer is not None
         real = self.trainer.train_round
@@ -140,7 +140,7 @@ class SlowWorker(RecordingWorker):
             return real(cfg, progress)
         self.trainer.train_round = slow  # type: ignore[method-assign]
         try:
-            return await super().on_started(stub, started)
+            return await super().on_started(client, started)
         finally:
             del self.trainer.train_round
 

@@ -23,13 +23,13 @@ import pytest
 import torch
 from fedkit import FAST, federation, join_config, make_worker, start_node
 
+from common.config import ChannelConfig
 from common.lwe.params import EXACT
 from common.updates import ConsortiumKey, TamperedAggregate, WrongConsortiumKey, write_key_file
 from coordinator.state import Settings
-from fedfhe.v1 import coordinator_pb2_grpc
 from worker.__main__ import global_adapter
 from worker.config import GenerateConfig
-from worker.federation import Patch, fetch_patch
+from worker.coordinator_client import CoordinatorClient, FetchedPatch
 from worker.lora import load_lora_state_dict, lora_state_dict
 from worker.model import generate
 from worker.runtime import build
@@ -116,7 +116,7 @@ async def test_rounds_aggregate_exactly_and_leave_no_plaintext_behind(tmp_path: 
                 assert {p.worker_id for p in closed.participants} == set(names)
                 assert [p.no_dp for p in sorted(closed.participants, key=lambda p: p.worker_id)] == [
                     False, False, True]
-                buf = fx.fed.rounds[r].buffer
+                buf = fx.fed.store.get(r)
                 assert buf is not None and not buf.closed
                 buffers.append(buf)
                 path, flags = anonymous_mapping(buf.address)
@@ -170,14 +170,14 @@ async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_
         await fx.wait_applied(1)
         w = fx.workers["hospital-1"]
         before = {k: v.clone() for k, v in lora_state_dict(w.runtime.model).items()}
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(fx.op.channel)
-        good = await fetch_patch(stub, 1)
+        client = CoordinatorClient(fx.coord.address, ChannelConfig(insecure=True))
+        good = await client.get_patch(1)
         rng = np.random.default_rng(0)
         for bit in rng.choice(len(good.payload) * 8, 40, replace=False):
             bad = bytearray(good.payload)
             bad[bit // 8] ^= 1 << (bit % 8)
             with pytest.raises(TamperedAggregate):
-                w.apply_patch(Patch(good.header, bytes(bad)))
+                w.apply_patch(FetchedPatch(good.header, bytes(bad)))
         wrong = make_worker(join_config("hospital-1", fx.data, fx.key_file, fx.coord.address, "", mode="local"),
                             ConsortiumKey.generate())
         wrong.runtime, wrong.lora, wrong.federation_id = w.runtime, w.lora, w.federation_id
@@ -187,13 +187,14 @@ async def test_tampered_aggregate_or_wrong_key_leaves_the_adapter_untouched(tmp_
         with pytest.raises(TamperedAggregate, match="asked for the aggregate of round 2"):
             w.apply_patch(good, expected_round=2)
         w.applied_round = 3
-        why = await w.sync(stub, 1, w.round_cfg)
+        why = await w.sync(client, 1, w.round_cfg)
         assert why is not None and "older" in why
         w.applied_round = 1
         after = lora_state_dict(w.runtime.model)
         assert all(torch.equal(before[k], after[k]) for k in before)
         # the coordinator refuses a worker whose key differs from the federation's
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await wrong.session(stub)
+            await wrong.session(client)
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "wrong consortium key" in exc.value.details()
+        await client.close()
         await fx.finish()

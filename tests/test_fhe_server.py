@@ -15,23 +15,24 @@ from common.lwe import scheme, wire
 from common.lwe.prg import DeterministicRandomness, expand_a
 from common.models import load_model
 from common.rpc import make_channel, start_server
-from common.stages import Direction, NodeWeights, Stage, WeightKey
+from common.stages import Direction, PublicWeights, Stage, WeightKey
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
-from fhe_server.service import FheServicer, Limits
+from fhe_server.node import Limits, Node
+from fhe_server.service import FheServicer
 
 SEED = bytes(range(32))
 EXACT = common_pb2.PARAM_SET_EXACT
 
 
 @pytest.fixture(scope="module")
-def weights() -> NodeWeights:
-    return NodeWeights(load_model("tiny"))
+def weights() -> PublicWeights:
+    return PublicWeights(load_model("tiny"))
 
 
 @pytest.fixture
-async def stub(weights: NodeWeights) -> AsyncIterator[fhe_pb2_grpc.FheServiceStub]:
-    servicer = FheServicer(weights, Limits(max_in_flight=4, chunk_bytes=4096, max_ciphertext_bytes=1 << 20))
+async def stub(weights: PublicWeights) -> AsyncIterator[fhe_pb2_grpc.FheServiceStub]:
+    servicer = FheServicer(Node(weights, Limits(max_in_flight=4, max_ciphertext_bytes=1 << 20)), chunk_bytes=4096)
     running = await start_server(ServerConfig(insecure=True),
                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s),
                                  [SERVICE])
@@ -161,7 +162,7 @@ async def test_bad_input_gets_a_precise_status_and_node_keeps_serving(stub, requ
 
 
 async def test_oversized_message_is_refused_and_session_survives(weights) -> None:
-    servicer = FheServicer(weights)
+    servicer = FheServicer(Node(weights))
     running = await start_server(ServerConfig(insecure=True, max_message_bytes=64 * 1024),
                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s),
                                  [SERVICE])
@@ -173,7 +174,7 @@ async def test_oversized_message_is_refused_and_session_survives(weights) -> Non
                                grpc.StatusCode.RESOURCE_EXHAUSTED, "")
             async for resp in stub.Evaluate(iter([open_msg()])):
                 assert resp.opened.model.model_id == "tiny"
-        assert servicer.sessions == {}  # closed streams leave no session behind
+        assert servicer.node.sessions == {}  # closed streams leave no session behind
     finally:
         await running.stop(0)
 
@@ -202,8 +203,8 @@ async def test_concurrent_sessions_are_independent(stub) -> None:
     assert len(set(ids)) == 5
 
 
-async def test_node_serves_workers_only_and_limits_each_client(weights: NodeWeights, tls_dir) -> None:
-    servicer = FheServicer(weights, Limits(max_sessions_per_client=2, max_hint_streams_per_client=1),
+async def test_node_serves_workers_only_and_limits_each_client(weights: PublicWeights, tls_dir) -> None:
+    servicer = FheServicer(Node(weights, Limits(max_sessions_per_client=2, max_hint_streams_per_client=1)),
                            insecure=False)
     running = await start_server(ServerConfig(tls_dir=tls_dir),
                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
@@ -236,7 +237,7 @@ async def test_node_serves_workers_only_and_limits_each_client(weights: NodeWeig
             for c in calls[:2]:
                 await c.done_writing()
             await asyncio.sleep(0.2)
-            assert servicer._client_sessions == {} and servicer.sessions == {}  # slots come back
+            assert not servicer.node._slots["sessions"] and servicer.node.sessions == {}  # slots come back
         async with make_channel(target, ChannelConfig(tls_dir=tls_dir, identity="hospital-2")) as ch:
             header, _ = await fetch_hint(fhe_pb2_grpc.FheServiceStub(ch), pb_key(0, 1, 1))
             assert header.rows > 0  # another worker is unaffected

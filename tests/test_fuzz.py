@@ -6,7 +6,7 @@ refusal must be a domain code (INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND,
 PERMISSION_DENIED, UNAUTHENTICATED), never UNKNOWN or INTERNAL. After every case the service must still answer
 a well-formed request correctly, state from before the fuzzing must be intact (an FHE session opened before
 still returns exact products, a coordinator round in progress still aggregates exactly), and failed calls must
-leave nothing behind (FheServicer.sessions, Federation workers/rounds/watchers/slots).
+leave nothing behind (Node.sessions, Federation workers/rounds/watchers/slots).
 
 Hypothesis runs in a worker thread and hands each example to the event loop that serves the servers, so one
 test can keep a session or a round alive across all of its examples and check it afterwards.
@@ -39,10 +39,11 @@ from common.config import ChannelConfig, ServerConfig
 from common.lwe import params as P
 from common.lwe import scheme, wire
 from common.lwe.prg import DeterministicRandomness, expand_a
-from common.messages import TrainingConfig, config_to_proto, contributions, layout_from_proto, layout_to_proto
+from common.messages import config_to_proto, contributions, layout_from_proto, layout_to_proto
 from common.models import PROJECTIONS, load_model
 from common.rpc import make_channel, start_server
-from common.stages import Direction, NodeWeights, Stage, WeightKey
+from common.stages import Direction, PublicWeights, Stage, WeightKey
+from common.training import TrainingConfig
 from common.updates import (
     RESTORE,
     TAG_NAME,
@@ -56,7 +57,9 @@ from coordinator.state import Federation, Settings
 from fedfhe.v1 import common_pb2, coordinator_pb2_grpc, fhe_pb2, fhe_pb2_grpc
 from fedfhe.v1 import coordinator_pb2 as pb
 from fhe_server.__main__ import SERVICE as FHE_SERVICE
-from fhe_server.service import FheServicer, Limits
+from fhe_server.node import Limits
+from fhe_server.node import Node as FheNode
+from fhe_server.service import FheServicer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -223,11 +226,12 @@ def disorder(draw: st.DrawFn, data: bytes, after_complete: bool = True) -> tuple
 SEED = bytes(range(32))
 EXACT = common_pb2.PARAM_SET_EXACT
 FHE_MAX_MESSAGE = 128 << 10  # the node's gRPC message limit in these tests
-FHE_LIMITS = Limits(max_in_flight=4, chunk_bytes=4096, max_ciphertext_bytes=64 << 10, max_sessions=4)
+FHE_LIMITS = Limits(max_in_flight=4, max_ciphertext_bytes=64 << 10, max_sessions=4)
+FHE_CHUNK_BYTES = 4096
 # What one client may hold at once (per-client limits where the node has them).
 SESSIONS_PER_CLIENT = min(FHE_LIMITS.max_sessions, getattr(FHE_LIMITS, "max_sessions_per_client", 1 << 30))
 HINTS_PER_CLIENT = getattr(FHE_LIMITS, "max_hint_streams_per_client", 1)
-WEIGHTS = NodeWeights(load_model("tiny"))
+WEIGHTS = PublicWeights(load_model("tiny"))
 LAYERS = len(WEIGHTS.stages)
 KEYS = [WeightKey(layer, stage, direction) for layer in range(LAYERS) for stage in Stage for direction in Direction]
 D_IN = {(k.layer, int(k.stage), int(k.direction)): WEIGHTS.matrix(k).shape[1] for k in KEYS}
@@ -460,7 +464,7 @@ def bad_hint(draw: st.DrawFn) -> Case:
 
 
 @dataclass
-class Node:
+class NodeUnderTest:
     servicer: FheServicer
     stub: fhe_pb2_grpc.FheServiceStub
     channel: grpc.aio.Channel
@@ -468,14 +472,14 @@ class Node:
 
 @pytest.fixture
 async def node():
-    servicer = FheServicer(WEIGHTS, FHE_LIMITS)
+    servicer = FheServicer(FheNode(WEIGHTS, FHE_LIMITS), chunk_bytes=FHE_CHUNK_BYTES)
     running = await start_server(ServerConfig(insecure=True, max_message_bytes=FHE_MAX_MESSAGE),
                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s),
                                  [FHE_SERVICE])
     # The client may send more than the server accepts: oversized messages must reach the server.
     channel = make_channel(running.address, ChannelConfig(insecure=True, max_message_bytes=64 << 20))
     try:
-        yield Node(servicer, fhe_pb2_grpc.FheServiceStub(channel), channel)
+        yield NodeUnderTest(servicer, fhe_pb2_grpc.FheServiceStub(channel), channel)
     finally:
         await channel.close()
         await running.stop(0)
@@ -547,15 +551,15 @@ async def open_sessions(stub: fhe_pb2_grpc.FheServiceStub, n: int) -> list[Any]:
     return calls
 
 
-async def test_evaluate_survives_hostile_streams(node: Node) -> None:
+async def test_evaluate_survives_hostile_streams(node: NodeUnderTest) -> None:
     survivor = Survivor(node.stub)
     await survivor.open()
     await survivor.check()
 
     async def check(case: Case) -> None:
         await expect_case(node.stub, case)
-        await eventually(lambda: set(node.servicer.sessions) == {survivor.session_id},
-                         f"{case.what}: sessions left behind: {set(node.servicer.sessions)}")
+        await eventually(lambda: set(node.servicer.node.sessions) == {survivor.session_id},
+                         f"{case.what}: sessions left behind: {set(node.servicer.node.sessions)}")
         await survivor.check()
 
     await fuzz_families(EVALUATE_CASES, check)
@@ -566,10 +570,10 @@ async def test_evaluate_survives_hostile_streams(node: Node) -> None:
         call.cancel()
     await survivor.check()
     await survivor.close()
-    await eventually(lambda: node.servicer.sessions == {}, "sessions outlived their streams")
+    await eventually(lambda: node.servicer.node.sessions == {}, "sessions outlived their streams")
 
 
-async def test_get_hint_and_session_limits_survive_hostile_input(node: Node) -> None:
+async def test_get_hint_and_session_limits_survive_hostile_input(node: NodeUnderTest) -> None:
     _, want = await fetch_hint(node.stub, QKV0)
 
     async def check(case: Case) -> None:
@@ -592,12 +596,12 @@ async def test_get_hint_and_session_limits_survive_hostile_input(node: Node) -> 
     # A per-client limit refuses as the stream starts (so send nothing), a node-wide one at OpenSession.
     first = [] if SESSIONS_PER_CLIENT == getattr(FHE_LIMITS, "max_sessions_per_client", None) else [open_msg()]
     await expect(node.stub.Evaluate(iter(first)), EXHAUSTED, "one session over the limit")
-    assert len(node.servicer.sessions) == SESSIONS_PER_CLIENT
+    assert len(node.servicer.node.sessions) == SESSIONS_PER_CLIENT
     for call in held[1:]:
         call.cancel()
-    await eventually(lambda: len(node.servicer.sessions) == 1, "cancelled streams left their sessions behind")
+    await eventually(lambda: len(node.servicer.node.sessions) == 1, "cancelled streams left their sessions behind")
     await held[0].done_writing()
-    await eventually(lambda: node.servicer.sessions == {}, "a closed stream left its session behind")
+    await eventually(lambda: node.servicer.node.sessions == {}, "a closed stream left its session behind")
     survivor = Survivor(node.stub)
     await survivor.open()
     await survivor.check()
@@ -618,7 +622,7 @@ def node_request(draw: st.DrawFn) -> Case:
 
 
 async def test_node_refuses_non_worker_certificates(tls_dir) -> None:  # type: ignore[no-untyped-def]
-    servicer = FheServicer(WEIGHTS, FHE_LIMITS, insecure=False)
+    servicer = FheServicer(FheNode(WEIGHTS, FHE_LIMITS), chunk_bytes=FHE_CHUNK_BYTES, insecure=False)
     running = await start_server(ServerConfig(tls_dir=tls_dir),
                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s),
                                  [FHE_SERVICE])
@@ -632,7 +636,7 @@ async def test_node_refuses_non_worker_certificates(tls_dir) -> None:  # type: i
 
         async def check(case: Case) -> None:
             await expect_case(op, case)
-            assert set(servicer.sessions) == {survivor.session_id}, case.what
+            assert set(servicer.node.sessions) == {survivor.session_id}, case.what
 
         await fuzz(node_request(), check, examples=30)
         await survivor.check()
@@ -1340,7 +1344,7 @@ async def test_restored_round_number_cannot_break_the_federation(coordinators) -
 GARBAGE = b"\x0a\xff\x01"  # field 1, length 255, then 1 byte: truncated, for every message type
 
 
-async def test_undecodable_requests_get_invalid_argument(node: Node, coordinators) -> None:  # type: ignore
+async def test_undecodable_requests_get_invalid_argument(node: NodeUnderTest, coordinators) -> None:  # type: ignore
     c = await coordinators()
     services = [(node.channel, fhe_pb2.DESCRIPTOR.services_by_name["FheService"]),
                 (c.channel, pb.DESCRIPTOR.services_by_name["CoordinatorService"])]
@@ -1370,7 +1374,7 @@ async def test_undecodable_requests_get_invalid_argument(node: Node, coordinator
     assert not wrong, f"undecodable requests: {wrong}"
 
 
-async def test_empty_chunks_do_not_pile_up_on_the_node(node: Node) -> None:
+async def test_empty_chunks_do_not_pile_up_on_the_node(node: NodeUnderTest) -> None:
     """More chunks than the payload has bytes, or an empty chunk among several, is refused at the first chunk:
     nothing accumulates (once, 3000 empty chunks of a request claiming 2^32−1 held 26 KB, unbounded)."""
     for count, data, code in [(U32, b"", EXHAUSTED), (FHE_LIMITS.max_ciphertext_bytes + 1, b"x", EXHAUSTED),
@@ -1391,4 +1395,4 @@ async def test_empty_chunks_do_not_pile_up_on_the_node(node: Node) -> None:
         finally:
             release.set()
             call.cancel()
-    assert node.servicer.sessions == {}
+    assert node.servicer.node.sessions == {}

@@ -26,7 +26,7 @@ def roundtrip(params: P.LweParams, w: np.ndarray, x: np.ndarray, delta_bits: int
     """Encrypt x (d_in, T), evaluate W on the node, decrypt; returns (raw, decoded, encrypted)."""
     a = expand_a(SEED, w.shape[1], params)
     enc = scheme.encrypt(params, a, x, delta_bits, rng=DeterministicRandomness(seed))
-    y = scheme.evaluate(params, w, enc.b)
+    y = scheme.multiply(params, w, enc.b)
     h = scheme.hint(params, w, a)
     raw = scheme.decrypt_raw(params, y, h, enc.s)
     return raw, scheme.round_shift(raw, delta_bits), enc
@@ -182,7 +182,7 @@ def test_wrong_secret_gives_uncorrelated_output() -> None:
     a = expand_a(SEED, 576, P.EXACT)
     enc = scheme.encrypt(P.EXACT, a, x, plan.delta_bits, rng=DeterministicRandomness(5))
     other = scheme.encrypt(P.EXACT, a, x, plan.delta_bits, rng=DeterministicRandomness(6))
-    y, h = scheme.evaluate(P.EXACT, w, enc.b), scheme.hint(P.EXACT, w, a)
+    y, h = scheme.multiply(P.EXACT, w, enc.b), scheme.hint(P.EXACT, w, a)
     truth = (w.astype(np.int64) @ x).ravel().astype(np.float64)
     right = scheme.decrypt(P.EXACT, y, h, enc.s, plan.delta_bits).ravel().astype(np.float64)
     wrong = scheme.decrypt(P.EXACT, y, h, other.s, plan.delta_bits).ravel().astype(np.float64)

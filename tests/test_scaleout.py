@@ -12,9 +12,10 @@ from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
 from common.models import load_model
 from common.rpc import make_channel, start_server
-from common.stages import NodeWeights
+from common.stages import PublicWeights
 from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
+from fhe_server.node import Node
 from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
@@ -45,7 +46,7 @@ async def spread(target: str, sessions: int, opened: asyncio.Event, release: asy
 
 def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
     tiny = load_model("tiny")
-    servicers = [FheServicer(NodeWeights(tiny)) for _ in range(2)]
+    servicers = [FheServicer(Node(PublicWeights(tiny))) for _ in range(2)]
     threads = []
     for servicer in servicers:
         async def start(servicer: FheServicer = servicer):  # type: ignore[no-untyped-def]
@@ -59,7 +60,7 @@ def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
             opened, release = asyncio.Event(), asyncio.Event()
             task = asyncio.create_task(spread(target, 4, opened, release))
             await opened.wait()
-            assert [len(s.sessions) for s in servicers] == [2, 2]  # one channel: sessions alternate nodes
+            assert [len(s.node.sessions) for s in servicers] == [2, 2]  # one channel: sessions alternate nodes
             release.set()
             await task
         asyncio.run(check_spread())
@@ -68,9 +69,9 @@ def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
         clients = [FheClient(target, ChannelConfig(insecure=True, load_balancing="round_robin"), EXACT, "tiny")
                    for _ in range(4)]
         try:
-            assert sum(len(s.sessions) for s in servicers) == 4
+            assert sum(len(s.node.sessions) for s in servicers) == 4
             ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-            local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)))
+            local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)))
             with torch.no_grad():
                 want = local(ids)
                 for c in clients:

@@ -19,9 +19,10 @@ from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
 from common.models import load_model
 from common.rpc import start_server
-from common.stages import NodeWeights
+from common.stages import PublicWeights
 from fedfhe.v1 import fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
+from fhe_server.node import Limits, Node
 from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
@@ -48,7 +49,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def client(smol) -> Iterator[FheClient]:
-    servicer = FheServicer(NodeWeights(smol, hint_cache_entries=4))
+    servicer = FheServicer(Node(PublicWeights(smol), Limits(hint_cache_entries=4)))
 
     async def start():
         return await start_server(ServerConfig(insecure=True),
@@ -72,7 +73,7 @@ def encode(texts: list[str], max_len: int = 48) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_encrypted_forward_and_generation_equal_local(smol, client) -> None:
-    local = SplitLlama(smol, QuantizedLinears(LocalEngine(NodeWeights(smol), EXACT)))
+    local = SplitLlama(smol, QuantizedLinears(LocalEngine(PublicWeights(smol), EXACT)))
     remote = SplitLlama(smol, QuantizedLinears(FheEngine(client)))
     ids, mask = encode(NOTES[:1], max_len=24)
     up0, start = client.bytes_up, time.perf_counter()
@@ -93,7 +94,7 @@ def test_quantization_costs_under_2_percent_cross_entropy(smol) -> None:
     ids, mask = encode(NOTES, max_len=64)
     with torch.no_grad():
         ce_float = float(next_token_loss(SplitLlama(smol, FloatLinears(smol))(ids, mask), ids, mask))
-        quant = SplitLlama(smol, QuantizedLinears(LocalEngine(NodeWeights(smol), EXACT)))
+        quant = SplitLlama(smol, QuantizedLinears(LocalEngine(PublicWeights(smol), EXACT)))
         ce_quant = float(next_token_loss(quant(ids, mask), ids, mask))
     rel = ce_quant / ce_float - 1
     print(f"\nheld-out clinical CE: float {ce_float:.4f}, int8 W x planner-width X {ce_quant:.4f} ({rel:+.3%})")

@@ -14,9 +14,10 @@ from common.lwe.params import COMPACT, EXACT
 from common.lwe.quant import quantize_rows
 from common.models import ModelWeights, load_model
 from common.rpc import start_server
-from common.stages import NodeWeights
+from common.stages import PublicWeights
 from fedfhe.v1 import fhe_pb2_grpc
 from fhe_server.__main__ import SERVICE
+from fhe_server.node import Node
 from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
@@ -40,7 +41,7 @@ def tiny() -> ModelWeights:
 
 @pytest.fixture(scope="module")
 def node_address(tiny: ModelWeights) -> Iterator[str]:
-    servicer = FheServicer(NodeWeights(tiny))
+    servicer = FheServicer(Node(PublicWeights(tiny)))
 
     async def start():
         return await start_server(ServerConfig(insecure=True),
@@ -78,7 +79,7 @@ def dequantized(weights: ModelWeights) -> ModelWeights:
 
 def test_encrypted_logits_equal_local_quantized_logits_exactly(tiny, client) -> None:
     ids, mask = batch()
-    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)), LORA)
+    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)), LORA)
     remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
     with torch.no_grad():
         a, b = local(ids, mask), remote(ids, mask)
@@ -92,7 +93,7 @@ def test_encrypted_logits_equal_local_quantized_logits_exactly(tiny, client) -> 
 def test_encrypted_backward_equals_local_and_matches_plain_autograd(tiny, client) -> None:
     ids, mask = batch(1)
     grads = {}
-    for name, base in [("local", QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT))),
+    for name, base in [("local", QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT))),
                        ("fhe", QuantizedLinears(FheEngine(client))),
                        ("autograd", FloatLinears(dequantized(tiny)))]:
         model = SplitLlama(tiny, base, LORA)
@@ -158,6 +159,6 @@ def test_lora_steps_through_the_encrypted_path_lower_the_loss(tiny, client) -> N
 
 def test_greedy_generation_matches_token_for_token(tiny, client) -> None:
     prompt = torch.tensor([[5, 17, 99, 3]])
-    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(NodeWeights(tiny), EXACT)))
+    local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)))
     remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)))
     assert generate(remote, prompt, 8) == generate(local, prompt, 8)

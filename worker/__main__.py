@@ -24,12 +24,11 @@ from common.logs import configure_logging
 from common.lwe.params import by_name
 from common.messages import config_from_proto
 from common.notes import NotesFormatError
-from common.rpc import make_channel
 from common.updates import load_key_file
-from fedfhe.v1 import coordinator_pb2_grpc
 from worker.config import GenerateConfig, JoinConfig
+from worker.coordinator_client import CoordinatorClient
 from worker.data import load_records
-from worker.federation import FederatedWorker, adapter_tensors, fetch_patch, lora_config, open_patch
+from worker.federation import FederatedWorker, adapter_tensors, lora_config, open_patch
 from worker.lora import load_lora_state_dict
 from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer
@@ -41,8 +40,8 @@ async def global_adapter(cfg: GenerateConfig) -> tuple[LoraConfig, dict[str, tor
     """Fetch, verify and decrypt the federated adapter in RAM: (its LoRA settings, its tensors, its round)."""
     assert cfg.consortium_key is not None
     key = load_key_file(cfg.consortium_key)
-    async with make_channel(cfg.coordinator, cfg) as channel:
-        patch = await fetch_patch(coordinator_pb2_grpc.CoordinatorServiceStub(channel), cfg.round)
+    async with CoordinatorClient(cfg.coordinator, cfg) as client:
+        patch = await client.get_patch(cfg.round)
     mean = open_patch(key, patch.header.federation_id, patch, expected_round=cfg.round,
                       min_participants=cfg.min_aggregate)  # UpdateCryptoError: nothing is applied
     return lora_config(config_from_proto(patch.header.config)), adapter_tensors(mean), patch.header.round

@@ -15,13 +15,11 @@ from the same round.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -29,12 +27,10 @@ import numpy as np
 import structlog
 import torch
 
-from common.chunks import Assembler, split
 from common.errors import FailedPrecondition, FedfheError
 from common.lwe.params import by_name
 from common.lwe.prg import DeterministicRandomness
 from common.messages import (
-    TrainingConfig,
     config_from_proto,
     config_to_proto,
     contributions,
@@ -42,7 +38,8 @@ from common.messages import (
     layout_to_proto,
 )
 from common.progress import progress_bar
-from common.rpc import make_channel
+from common.rpc import Backoff
+from common.training import TrainingConfig
 from common.updates import (
     RESTORE,
     UPDATE,
@@ -51,17 +48,16 @@ from common.updates import (
     decrypt_aggregate,
     encrypt_update,
 )
-from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from fedfhe.v1 import coordinator_pb2
 from worker.config import JoinConfig
+from worker.coordinator_client import CoordinatorClient, FetchedPatch
 from worker.lora import load_lora_state_dict, lora_state_dict
 from worker.model import LoraConfig
 from worker.runtime import Runtime, build
-from worker.train import RoundResult, Trainer, evaluate
+from worker.train import RoundResult, Trainer, held_out_loss
 
 log = structlog.get_logger("fedfhe.worker")
-CHUNK_BYTES = 1 << 20
 SKETCH_COLS = 16  # random projection width for measuring full-LoRA aggregation error
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def lora_config(cfg: TrainingConfig) -> LoraConfig:
@@ -89,30 +85,7 @@ def aggregation_error(runtime: Runtime, mean_sketch: dict[str, np.ndarray], seed
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-@dataclass
-class Patch:
-    header: coordinator_pb2.PatchHeader
-    payload: bytes
-
-
-async def fetch_patch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int) -> Patch:
-    """The encrypted aggregate of a round (0: the newest), reassembled and digest-checked; not yet verified."""
-    header, asm = None, None
-    async for msg in stub.GetPatch(coordinator_pb2.GetPatchRequest(round=round_)):
-        if msg.WhichOneof("kind") == "header":
-            header = msg.header
-            asm = Assembler(header.size_bytes)
-        elif asm is not None:
-            asm.add(msg.chunk.index, msg.chunk.count, msg.chunk.data)
-    if header is None or asm is None:
-        raise FailedPrecondition(f"the coordinator sent no patch header for round {round_}")
-    payload = asm.payload()
-    if hashlib.sha256(payload).digest() != header.digest:
-        raise FailedPrecondition(f"patch of round {header.round} arrived corrupted (digest mismatch)")
-    return Patch(header, payload)
-
-
-def open_patch(key: ConsortiumKey, federation_id: str, patch: Patch, *, expected_round: int = 0,
+def open_patch(key: ConsortiumKey, federation_id: str, patch: FetchedPatch, *, expected_round: int = 0,
                min_participants: int = 1) -> dict[str, np.ndarray]:
     """Verify and decrypt an aggregate (UpdateCryptoError if anything is off); touches no model state.
 
@@ -154,7 +127,8 @@ class FederatedWorker:
         self.metrics_path = cfg.metrics_file
         self.baseline_done = False
         self.round_cfg: TrainingConfig | None = None  # the newest round's settings
-        self.last_contact = time.monotonic()
+        # Reconnect to a coordinator that went away while it was heard from within reconnect_seconds.
+        self.backoff = Backoff(cfg.reconnect_seconds, first=0.5)
 
     # ---- metrics ----------------------------------------------------------------------------------
 
@@ -192,17 +166,18 @@ class FederatedWorker:
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 
-    def evaluate(self, round_: int, cfg: TrainingConfig) -> None:
+    def evaluate_adapter(self, round_: int, cfg: TrainingConfig) -> None:
+        """Held-out loss of the current global adapter, recorded as the round's eval loss."""
         if not self.held_out or self.runtime is None:
             return
         start = time.perf_counter()
-        loss = evaluate(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
+        loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
         self.metric("evaluated", round=round_, eval_loss=loss, records=len(self.held_out),
                     seconds=round(time.perf_counter() - start, 3))
 
     # ---- patches ----------------------------------------------------------------------------------
 
-    def apply_patch(self, patch: Patch, expected_round: int = 0) -> dict[str, np.ndarray]:
+    def apply_patch(self, patch: FetchedPatch, expected_round: int = 0) -> dict[str, np.ndarray]:
         """Decrypt, verify, then load the global adapter; on any error the current adapter is left as it was."""
         mean = open_patch(self.key, self.federation_id, patch, expected_round=expected_round,
                           min_participants=self.cfg.min_aggregate)
@@ -212,8 +187,7 @@ class FederatedWorker:
         self.applied_round = patch.header.round
         return mean
 
-    async def sync(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int,
-                   cfg: TrainingConfig) -> str | None:
+    async def sync(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig) -> str | None:
         """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, evaluate).
 
         Returns why it could not (the current adapter is then kept), or None.
@@ -227,7 +201,7 @@ class FederatedWorker:
             return why
         await asyncio.to_thread(self.ensure_model, cfg)
         try:
-            patch = await fetch_patch(stub, round_)
+            patch = await client.get_patch(round_)
             mean = await asyncio.to_thread(self.apply_patch, patch, round_)
         except (FedfheError, KeyError, ValueError) as exc:  # tampered, wrong key, or not this model's adapter
             log.error("aggregate rejected; current adapter kept", round=round_, error=str(exc))
@@ -240,17 +214,16 @@ class FederatedWorker:
             fields["lora_aggregation_error"] = aggregation_error(
                 self.runtime, {k: v for k, v in mean.items() if k.startswith("sketch.")}, cfg.lora_seed)
         self.metric("applied", round=round_, **fields)
-        await asyncio.to_thread(self.evaluate, round_, cfg)
+        await asyncio.to_thread(self.evaluate_adapter, round_, cfg)
         return None
 
-    async def decline(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int, why: str) -> None:
-        await stub.DeclineRound(coordinator_pb2.DeclineRoundRequest(round=round_, reason=why,
-                                                                    worker_id=self.worker_id))
+    async def decline(self, client: CoordinatorClient, round_: int, why: str) -> None:
+        await client.decline(self.worker_id, round_, why)
         self.metric("declined", round=round_, reason=why, epsilon=self.trainer.epsilon if self.trainer else 0.0)
 
     # ---- rounds -----------------------------------------------------------------------------------
 
-    async def _submit(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub, round_: int, result: RoundResult,
+    async def _submit(self, client: CoordinatorClient, round_: int, result: RoundResult,
                       cfg: TrainingConfig) -> int:
         assert self.runtime is not None
         tensors = {k: v.numpy() for k, v in lora_state_dict(self.runtime.model).items()}
@@ -262,34 +235,27 @@ class FederatedWorker:
             tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload), digest=enc.digest,
             worker_id=self.worker_id, key_check_value=self.key.check_value(), no_dp=not self.dp.enabled,
             nonce=enc.nonce)
-
-        async def requests() -> AsyncIterator[coordinator_pb2.SubmitUpdateRequest]:
-            yield coordinator_pb2.SubmitUpdateRequest(header=header)
-            for i, n, piece in split(enc.payload, CHUNK_BYTES):
-                yield coordinator_pb2.SubmitUpdateRequest(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
-
-        await stub.SubmitUpdate(requests(), timeout=max(60.0, len(enc.payload) / 1e6))
+        await client.submit_update(header, enc.payload)
         return len(enc.payload)
 
-    async def on_started(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub,
-                         started: coordinator_pb2.RoundStarted) -> None:
+    async def on_started(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted) -> None:
         r = started.round
         cfg = self.round_cfg = config_from_proto(started.config)
         runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
         assert self.trainer is not None and self.global_state is not None
-        why = await self.sync(stub, started.base_round, cfg)
+        why = await self.sync(client, started.base_round, cfg)
         load_lora_state_dict(runtime.model, self.global_state)  # a failed round's local training is dropped
         if why is not None:  # never train from an adapter the federation did not agree on
-            await self.decline(stub, r, why)
+            await self.decline(client, r, why)
             return
         if not self.baseline_done and self.applied_round == 0:
             self.baseline_done = True
-            await asyncio.to_thread(self.evaluate, 0, cfg)
+            await asyncio.to_thread(self.evaluate_adapter, 0, cfg)
         why = self.trainer.refusal(cfg)
         if why is None and time.time() * 1000 >= started.deadline_unix_ms:
             why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
         if why is not None:
-            await self.decline(stub, r, why)
+            await self.decline(client, r, why)
             return
         fhe_before = runtime.client.bytes_up if runtime.client else 0
         with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
@@ -300,7 +266,7 @@ class FederatedWorker:
                   "steps": result.steps, "sampled": result.sampled, "num_samples": result.num_samples,
                   "train_seconds": round(result.seconds, 3), "fhe_bytes_up": fhe_up, "mode": self.cfg.mode}
         try:
-            sent = await self._submit(stub, r, result, cfg)
+            sent = await self._submit(client, r, result, cfg)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
@@ -308,7 +274,7 @@ class FederatedWorker:
             return
         self.metric("submitted", **fields, update_bytes=sent, bytes_up=sent + fhe_up)
 
-    async def restore(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    async def restore(self, client: CoordinatorClient) -> None:
         """Re-seed a coordinator that lost its buffers with the global adapter this worker holds."""
         assert self.global_state is not None
         enc = encrypt_update(self.key, self.federation_id, self.applied_round, self.worker_id,
@@ -317,44 +283,37 @@ class FederatedWorker:
             round=self.applied_round, tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload),
             digest=enc.digest, key_check_value=self.key.check_value(), worker_id=self.worker_id, nonce=enc.nonce,
             config=config_to_proto(self.round_cfg) if self.round_cfg else None)
-
-        async def requests() -> AsyncIterator[coordinator_pb2.RestorePatchRequest]:
-            yield coordinator_pb2.RestorePatchRequest(header=header)
-            for i, n, piece in split(enc.payload, CHUNK_BYTES):
-                yield coordinator_pb2.RestorePatchRequest(chunk=common_pb2.Chunk(index=i, count=n, data=piece))
-
         try:
-            await stub.RestorePatch(requests())
+            await client.restore_patch(header, enc.payload)
             self.metric("restored", round=self.applied_round)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # someone else restored it first
                 raise
             log.info("restore not needed", reason=exc.details())
 
-    async def session(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> bool:
+    async def session(self, client: CoordinatorClient) -> bool:
         """Register, catch up, follow the round events; True once the federation finished (False: stream ended)."""
-        reg = await stub.Register(coordinator_pb2.RegisterRequest(
-            worker_name=self.worker_id, num_records=len(self.train_records),
-            key_check_value=self.key.check_value(), no_dp=not self.dp.enabled))
+        reg = await client.register(self.worker_id, len(self.train_records), self.key.check_value(),
+                                    no_dp=not self.dp.enabled)
         if self.federation_id and reg.federation_id != self.federation_id:
             raise FailedPrecondition(f"coordinator now serves federation {reg.federation_id!r}, "
                                      f"not {self.federation_id!r}")
         self.worker_id, self.federation_id = reg.worker_id, reg.federation_id
-        self.last_contact = time.monotonic()
+        self.backoff.reset()
         log.info("registered", federation=reg.federation_id, latest_patch_round=reg.latest_patch_round)
         if reg.latest_patch_round == 0 and self.applied_round > 0:
-            await self.restore(stub)
-        async for event in stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(worker_id=self.worker_id)):
-            self.last_contact = time.monotonic()
+            await self.restore(client)
+        async for event in client.watch(self.worker_id):
+            self.backoff.reset()
             kind = event.WhichOneof("event")
             if kind == "started":
-                await self.on_started(stub, event.started)
+                await self.on_started(client, event.started)
             elif kind == "closed":
                 closed = event.closed
                 self.metric("round_closed", round=closed.round, reason=closed.reason,
                             aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
                 if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
-                    await self.sync(stub, closed.round, self.round_cfg)  # a rejected one keeps the adapter
+                    await self.sync(client, closed.round, self.round_cfg)  # a rejected one keeps the adapter
             elif kind == "finished":
                 self.metric("finished", last_round=event.finished.last_round,
                             epsilon=self.trainer.epsilon if self.trainer else 0.0)
@@ -363,21 +322,9 @@ class FederatedWorker:
 
     async def run(self) -> int:
         """Follow the federation, reconnecting to a coordinator that went away, until it finishes."""
-        backoff = 0.5
-        while True:
-            try:
-                async with make_channel(self.cfg.coordinator, self.cfg) as channel:
-                    if await self.session(coordinator_pb2_grpc.CoordinatorServiceStub(channel)):
-                        return 0
-                log.warning("round stream ended without the federation finishing; reconnecting")
-            except grpc.aio.AioRpcError as exc:
-                silent = time.monotonic() - self.last_contact
-                if exc.code() not in RETRYABLE or silent > self.cfg.reconnect_seconds:
-                    raise
-                log.warning("coordinator unreachable; reconnecting", code=exc.code().name, backoff=backoff,
-                            silent_seconds=round(silent, 1))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        async with CoordinatorClient(self.cfg.coordinator, self.cfg) as client:
+            await client.follow(self.session, self.backoff)
+        return 0
 
     def close(self) -> None:
         if self.runtime is not None:

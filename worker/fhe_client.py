@@ -2,7 +2,7 @@
 
 Torch autograd calls the base linears synchronously, so the client runs its
 grpc.aio channel on an event loop in a background thread and exposes blocking
-`hint` / `evaluate` methods; several calls may be in flight at once (each
+`hint` / `multiply` methods; several calls may be in flight at once (each
 waits on its own future, the stream multiplexes them by request id).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -19,22 +18,20 @@ import grpc
 import numpy as np
 import structlog
 
-from common.chunks import Assembler, split
+from common.chunks import CHUNK_BYTES, Assembler, chunk_messages
 from common.config import ChannelConfig
 from common.errors import FailedPrecondition
 from common.lwe import wire
 from common.lwe.params import LweParams
 from common.lwe.prg import new_seed
 from common.messages import PARAM_SET_VALUES, key_to_proto
-from common.rpc import make_channel
+from common.rpc import Backoff, make_channel, retryable
 from common.stages import Direction, Stage, WeightKey
-from fedfhe.v1 import common_pb2, fhe_pb2, fhe_pb2_grpc
+from fedfhe.v1 import fhe_pb2, fhe_pb2_grpc
 from worker.linears import StageMeta
 
 T = TypeVar("T")
 log = structlog.get_logger("fedfhe.fhe_client")
-# A stream broken by a node restart or a lost connection; anything else is the caller's problem.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, None)
 
 
 class StreamEnded(FailedPrecondition):
@@ -45,7 +42,7 @@ class FheClient:
     """A session with the FHE node under a fresh public seed (a new A per session)."""
 
     def __init__(self, target: str, channel: ChannelConfig, params: LweParams, model_id: str,
-                 *, chunk_bytes: int = 1 << 20, max_result_bytes: int = 1 << 30,
+                 *, chunk_bytes: int = CHUNK_BYTES, max_result_bytes: int = 1 << 30,
                  reconnect_seconds: float = 60.0) -> None:
         self.target, self.channel_cfg, self.params, self.model_id = target, channel, params, model_id
         self.seed = new_seed()
@@ -103,7 +100,7 @@ class FheClient:
                 r = resp.result
                 self.bytes_down += len(r.result.data)
                 fut, asm = self._pending[r.request_id]
-                if asm.add(r.result.index, r.result.count, r.result.data):
+                if asm.add(r.result):
                     del self._pending[r.request_id]
                     fut.set_result(wire.decode(asm.payload(), kind=wire.Kind.RESULT, log_q=self.params.log_q))
             raise StreamEnded("the FHE node closed the session stream")
@@ -124,33 +121,35 @@ class FheClient:
             await self._open_session(wait_for_ready=True)
             log.warning("FHE session reopened after the stream broke", sessions=self.sessions_opened)
 
+    @staticmethod
+    def _broken(exc: BaseException) -> bool:
+        """A stream broken by a node restart or a lost connection; anything else is the caller's problem."""
+        return isinstance(exc, StreamEnded) or retryable(exc)
+
     async def _retrying(self, attempt: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run attempt(); on a broken stream (node restarted, connection lost) reopen and repeat it.
 
         Repeating is safe: a request re-sends the same ciphertext (no new information) under a
         new request id, and W·B is deterministic, so the result equals an uninterrupted run's.
         """
-        give_up = time.monotonic() + self.reconnect_seconds
-        backoff = 0.2
+        backoff = Backoff(self.reconnect_seconds, first=0.2, cap=2.0)
         while True:
             generation = self._generation
             try:
                 return await attempt()
             except (grpc.aio.AioRpcError, StreamEnded) as exc:
-                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-                if code not in RETRYABLE or time.monotonic() > give_up:
+                if not self._broken(exc) or backoff.exhausted:
                     raise
-                log.warning("FHE stream broke; reopening", code=code.name if code else "stream ended")
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, 2.0)
+                log.warning("FHE stream broke; reopening", error=str(exc)[:200])
+            await backoff.wait()
             try:
                 await self._reopen(generation)
             except (grpc.aio.AioRpcError, StreamEnded) as exc:
-                if time.monotonic() > give_up:
+                if backoff.exhausted:
                     raise
                 log.warning("FHE node not back yet", error=str(exc)[:200])
 
-    async def _evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
+    async def _multiply(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
         data = wire.encode(wire.Kind.CIPHERTEXT, b)
 
         async def attempt() -> np.ndarray:
@@ -159,16 +158,15 @@ class FheClient:
             self._pending[rid] = (fut, Assembler(self.max_result_bytes))
             self.bytes_up += len(data)
             outbox = self._outbox
-            for i, n, piece in split(data, self.chunk_bytes):
+            for chunk in chunk_messages(data, self.chunk_bytes):
                 await outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
-                    request_id=rid, key=key_to_proto(key),
-                    ciphertext=common_pb2.Chunk(index=i, count=n, data=piece))))
+                    request_id=rid, key=key_to_proto(key), ciphertext=chunk)))
             return await fut
         return await self._retrying(attempt)
 
-    def evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
+    def multiply(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
         """W·B for ciphertexts B (d_in, T); blocks until the node answers (across a node restart)."""
-        return self._run(self._evaluate(key, b))
+        return self._run(self._multiply(key, b))
 
     async def _fetch_hints(self, keys: list[WeightKey], progress: Callable[[int], None] | None = None) -> None:
         header, asm, done = None, None, 0
@@ -180,7 +178,7 @@ class FheClient:
                 continue
             assert header is not None and asm is not None
             self.bytes_down += len(resp.chunk.data)
-            if asm.add(resp.chunk.index, resp.chunk.count, resp.chunk.data):
+            if asm.add(resp.chunk):
                 h = wire.decode(asm.payload(), kind=wire.Kind.HINT, log_q=self.params.log_q,
                                 rows=header.rows, cols=self.params.n)
                 scales = np.frombuffer(header.row_scales, dtype="<f4").copy() if header.row_scales else None

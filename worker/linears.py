@@ -22,7 +22,7 @@ from common.lwe import scheme
 from common.lwe.params import LweParams
 from common.lwe.prg import Randomness, expand_a
 from common.lwe.quant import dequantize_product, quantize_tokens
-from common.stages import Direction, NodeWeights, Stage, WeightKey
+from common.stages import Direction, PublicWeights, Stage, WeightKey
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class QuantizedLinears:
 class LocalEngine:
     """The worker multiplies the public int weights itself, with the plan of the chosen parameter set."""
 
-    def __init__(self, weights: NodeWeights, params: LweParams) -> None:
+    def __init__(self, weights: PublicWeights, params: LweParams) -> None:
         self.weights, self.params = weights, params
 
     def meta(self, key: WeightKey) -> StageMeta:
@@ -91,7 +91,7 @@ class RemoteNode(Protocol):
 
     def hint(self, key: WeightKey) -> tuple[StageMeta, np.ndarray]: ...
 
-    def evaluate(self, key: WeightKey, b: np.ndarray) -> np.ndarray: ...
+    def multiply(self, key: WeightKey, b: np.ndarray) -> np.ndarray: ...
 
 
 class FheEngine:
@@ -112,5 +112,5 @@ class FheEngine:
             self._a[meta.cols] = expand_a(self.node.seed, meta.cols, p)
         kwargs = {"rng": self._rng} if self._rng is not None else {}
         enc = scheme.encrypt(p, self._a[meta.cols], x_int, meta.delta_bits, **kwargs)
-        y = self.node.evaluate(key, enc.b)
+        y = self.node.multiply(key, enc.b)
         return scheme.decrypt(p, y, h, enc.s, meta.delta_bits)

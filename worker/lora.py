@@ -25,8 +25,8 @@ from torch import nn
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DP-training wrappers (Opacus' GradSampleModule keeps it as `_module`)."""
-    while isinstance(getattr(model, "_module", None), nn.Module):
-        model = model._module
+    while isinstance(inner := getattr(model, "_module", None), nn.Module):
+        model = inner
     return model
 
 

@@ -118,6 +118,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
+    input_norm: torch.Tensor  # buffers (public RMSNorm weights), typed for the checker
+    post_norm: torch.Tensor
+
     def __init__(self, layer: int, shape: LlamaShape, weights: ModelWeights, lora: LoraConfig,
                  gen: torch.Generator) -> None:
         super().__init__()
@@ -159,6 +162,10 @@ class Block(nn.Module):
 
 class SplitLlama(nn.Module):
     """Causal LM whose base linears run on `base`; logits from the tied embedding, on the worker."""
+
+    embed: torch.Tensor  # buffers, typed for the checker
+    norm: torch.Tensor
+    inv_freq: torch.Tensor
 
     def __init__(self, weights: ModelWeights, base: BaseLinears, lora: LoraConfig | None = None) -> None:
         super().__init__()

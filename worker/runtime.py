@@ -10,7 +10,7 @@ from typing import Any
 from common.config import ChannelConfig
 from common.lwe.params import LweParams
 from common.models import ModelWeights, load_model, locate_smollm2_gguf
-from common.stages import NodeWeights
+from common.stages import PublicWeights
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
 from worker.model import FloatLinears, LoraConfig, SplitLlama
@@ -41,7 +41,7 @@ def build(mode: str, model_id: str, params: LweParams, lora: LoraConfig | None =
                            reconnect_seconds=reconnect_seconds)
         base: Any = QuantizedLinears(FheEngine(client))
     elif mode == "local":
-        base = QuantizedLinears(LocalEngine(NodeWeights(weights), params))
+        base = QuantizedLinears(LocalEngine(PublicWeights(weights), params))
     elif mode == "float":
         base = FloatLinears(weights)
     else:

@@ -39,7 +39,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from common.lwe.prg import Randomness
-from common.messages import TrainingConfig
+from common.training import TrainingConfig
 from worker.data import pad_batch
 from worker.model import SplitLlama, per_sequence_loss, trainable_parameters
 
@@ -266,7 +266,7 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: SplitLlama, records: Sequence[Sequence[int]], max_len: int, batch_size: int = 8,
+def held_out_loss(model: SplitLlama, records: Sequence[Sequence[int]], max_len: int, batch_size: int = 8,
              pad_id: int = 0) -> float:
     """Mean next-token cross-entropy per target token over records (held-out notes)."""
     was_training = model.training

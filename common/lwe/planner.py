@@ -28,7 +28,7 @@ _Z = math.sqrt(2 * math.log(2) * (1 - FAILURE_LOG2))
 
 @dataclass(frozen=True)
 class Plan:
-    """How one weight matrix is evaluated: bit widths, Δ = 2^delta_bits and the bounds they rest on."""
+    """How products with one weight matrix are planned: bit widths, Δ = 2^delta_bits and the bounds they rest on."""
 
     params: LweParams
     d_out: int

@@ -1,4 +1,4 @@
-"""Matrix LWE with a seeded public matrix (SimplePIR-style): encrypt, evaluate, hint, decrypt.
+"""Matrix LWE with a seeded public matrix (SimplePIR-style): encrypt, multiply, hint, decrypt.
 
 Per batch of T tokens (DESIGN.md):
 
@@ -57,7 +57,7 @@ def encrypt(
     return Encrypted(b=np.ascontiguousarray(b, dtype=params.dtype), s=s)
 
 
-def evaluate(params: LweParams, w_int: np.ndarray, b: np.ndarray, weight_bound: int = 127) -> np.ndarray:
+def multiply(params: LweParams, w_int: np.ndarray, b: np.ndarray, weight_bound: int = 127) -> np.ndarray:
     """Node side: W·B mod q for small integer weights W (d_out, d_in) and ciphertexts B (d_in, T)."""
     return matmul_mod(w_int, b, log_q=params.log_q, small="left", small_bound=weight_bound)
 
