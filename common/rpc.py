@@ -9,15 +9,16 @@ failures with one policy: `RETRYABLE` codes, `Backoff` delays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import psutil
@@ -121,16 +122,25 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
 
-        def bind(context: Any) -> float:
+        @contextlib.asynccontextmanager
+        async def scope(context: Any) -> AsyncIterator[None]:
+            """The life of one call: its log context, its domain errors as status codes, its last log line."""
             structlog.contextvars.bind_contextvars(method=method, peer=_peer(context),
                                                    call_id=uuid.uuid4().hex[:12])
-            return time.perf_counter()
-
-        def done(start: float, context: Any, error: BaseException | None) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            log.info("call finished", code=str(code or ("ERROR" if error else "OK")),
-                     ms=round((time.perf_counter() - start) * 1e3, 2))
-            structlog.contextvars.clear_contextvars()
+            start, error = time.perf_counter(), None
+            try:
+                yield
+            except errors.FedfheError as exc:
+                error = exc
+                await context.abort(status_for(exc), str(exc))
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                code = context.code() if hasattr(context, "code") else None
+                log.info("call finished", code=str(code or ("ERROR" if error else "OK")),
+                         ms=round((time.perf_counter() - start) * 1e3, 2))
+                structlog.contextvars.clear_contextvars()
 
         streaming_request = bool(handler.stream_unary or handler.stream_stream)
 
@@ -156,34 +166,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(inner):
 
             async def wrapped(request: Any, context: Any) -> Any:
-                start = bind(context)
-                error: BaseException | None = None
-                try:
+                async with scope(context):
                     async for item in inner(await undecodable(request, context), context):
                         yield item
-                except errors.FedfheError as exc:
-                    error = exc
-                    await context.abort(status_for(exc), str(exc))
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    done(start, context, error)
         else:
 
             async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
-                start = bind(context)
-                error: BaseException | None = None
-                try:
+                async with scope(context):
                     return await inner(await undecodable(request, context), context)
-                except errors.FedfheError as exc:
-                    error = exc
-                    await context.abort(status_for(exc), str(exc))
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    done(start, context, error)
 
         return make(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
@@ -291,6 +281,24 @@ class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
         if details.timeout is None:
             details = details._replace(timeout=self.seconds)
         return await continuation(details, request)
+
+
+class RpcClient:
+    """A client's channel (see make_channel), closed by `close` or by leaving `async with`."""
+
+    def __init__(self, target: str, cfg: ChannelConfig) -> None:
+        self.target, self.channel_cfg = target, cfg
+        self.channel = make_channel(target, cfg)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 
 def make_channel(target: str, cfg: ChannelConfig) -> grpc.aio.Channel:

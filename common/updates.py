@@ -120,8 +120,8 @@ class ConsortiumKey:
         """Public fingerprint of the key (one-way): equal values mean the same key."""
         return self.derive(b"key-check", KCV_BYTES)
 
-    def raw_bytes_for_tests(self) -> bytes:
-        """The key itself; only tests that scan files and logs for leaks call this."""
+    def raw_bytes(self) -> bytes:
+        """The key itself: for writing the key file, and for tests that scan files and logs for leaks."""
         return self._raw
 
 
@@ -134,7 +134,7 @@ def write_key_file(path: Path, key: ConsortiumKey, *, force: bool = False) -> No
         raise KeyFileError(f"{path} exists: refusing to replace a consortium key (use --force)") from None
     try:
         os.fchmod(fd, 0o600)
-        text = f"{KEY_FILE_HEADER}\n{base64.b64encode(key.raw_bytes_for_tests()).decode()}\n"
+        text = f"{KEY_FILE_HEADER}\n{base64.b64encode(key.raw_bytes()).decode()}\n"
         os.write(fd, text.encode())
     finally:
         os.close(fd)

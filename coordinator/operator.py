@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from common.config import ChannelConfig
 from common.messages import config_to_proto
-from common.rpc import make_channel
+from common.rpc import RpcClient
 from common.training import TrainingConfig
 from fedfhe.v1 import coordinator_pb2 as pb
 from fedfhe.v1 import coordinator_pb2_grpc
 
 
-class OperatorClient:
+class OperatorClient(RpcClient):
     def __init__(self, target: str, channel: ChannelConfig) -> None:
-        self.channel = make_channel(target, channel)
+        super().__init__(target, channel)
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def status(self) -> pb.GetStatusResponse:
@@ -67,12 +67,3 @@ class OperatorClient:
 
     async def finish(self) -> int:
         return (await self.stub.FinishFederation(pb.FinishFederationRequest())).last_round
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> OperatorClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

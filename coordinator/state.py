@@ -161,6 +161,9 @@ class Round:
     def total_samples(self) -> int:
         return sum(p.num_samples for p in self.submissions.values())
 
+    def started_event(self) -> RoundStartedEvent:
+        return RoundStartedEvent(self.number, self.config, self.deadline_unix_ms, self.base_round)
+
     def closed_event(self) -> RoundClosedEvent:
         return RoundClosedEvent(self.number, tuple(self.submissions.values()), self.total_samples,
                                 self.state == RoundState.AGGREGATED, self.reason)
@@ -293,16 +296,13 @@ class Federation:
 
     def connect(self, name: str) -> asyncio.Queue[Event]:
         """Open a watch stream for a registered worker (or an operator, name None-like '')."""
-        worker = self.worker(name)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        worker.watchers.append(queue)
+        queue = self._watch(self.worker(name).watchers)
         if self.finished:
-            queue.put_nowait(FinishedEvent(self.last_round))
             return queue
         rnd = self.open_round
         if rnd is not None and name in rnd.eligible and name not in rnd.submissions and name not in rnd.declined:
             rnd.pending.add(name)  # reconnected within its round: it may still submit
-            queue.put_nowait(RoundStartedEvent(rnd.number, rnd.config, rnd.deadline_unix_ms, rnd.base_round))
+            queue.put_nowait(rnd.started_event())
         log.info("worker connected", worker=name)
         return queue
 
@@ -319,12 +319,16 @@ class Federation:
 
     # ---- observers (operators) --------------------------------------------------------------------
 
-    def observe(self) -> asyncio.Queue[Event]:
+    def _watch(self, watchers: list[asyncio.Queue[Event]]) -> asyncio.Queue[Event]:
+        """A new event queue among `watchers`; a finished federation says so at once."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._observers.append(queue)
+        watchers.append(queue)
         if self.finished:
             queue.put_nowait(FinishedEvent(self.last_round))
         return queue
+
+    def observe(self) -> asyncio.Queue[Event]:
+        return self._watch(self._observers)
 
     def unobserve(self, queue: asyncio.Queue[Event]) -> None:
         if queue in self._observers:
@@ -395,7 +399,7 @@ class Federation:
         self.rounds[number] = rnd
         rnd.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, number)
         log.info("round started", round=number, eligible=connected, deadline_seconds=seconds)
-        self._broadcast(RoundStartedEvent(number, config, rnd.deadline_unix_ms, rnd.base_round), to=connected)
+        self._broadcast(rnd.started_event(), to=connected)
         return rnd
 
     def _open(self, round_: int, worker: str) -> Round:

@@ -140,7 +140,7 @@ async def test_rounds_aggregate_exactly_and_leave_no_plaintext_behind(tmp_path: 
             assert 0 < eps["hospital-1"] < 8 and eps["hospital-3"] == float("inf")
 
             # no plaintext adapter or key bytes in any file under the run's directories or the temp dir
-            raw = fx.key.raw_bytes_for_tests()
+            raw = fx.key.raw_bytes()
             needles = {"key": raw, "key-hex": raw.hex().encode(), "key-b64": base64.b64encode(raw)[:40]}
             for name, w in fx.workers.items():
                 for tname, t in w.global_state.items():

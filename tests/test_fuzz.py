@@ -725,7 +725,7 @@ wrong_kcvs = st.binary(min_size=1, max_size=40).filter(lambda b: b != KCV)
 bad_nonces = st.binary(max_size=40).filter(lambda b: len(b) != len(NONCE))
 bad_digests = st.binary(max_size=40).filter(lambda b: b != DIGEST)
 bad_epsilons = st.one_of(st.floats(max_value=0.0, exclude_max=True), st.just(math.nan), st.just(math.inf))
-# Shapes whose element count fits int64 (the int64 overflow is pinned separately, see the xfail tests).
+# Shapes whose element count fits int64 (one that wraps it is pinned by test_overflowing_tensor_shape_is_refused).
 shapes = st.one_of(st.lists(st.integers(1, 64), min_size=1, max_size=3),
                    st.lists(st.integers(0, 1 << 20), min_size=0, max_size=3),
                    st.lists(uint32, min_size=1, max_size=1),

@@ -58,7 +58,7 @@ def test_local_federation_with_a_worker_killed_mid_round(tmp_path: Path) -> None
     key_file = run / "keys" / "consortium.key"
     for key in [*(run / "pki").glob("*.key"), key_file]:
         assert key.stat().st_mode & 0o777 == 0o600
-    raw = load_key_file(key_file).raw_bytes_for_tests()
+    raw = load_key_file(key_file).raw_bytes()
     needles = [raw, raw.hex().encode(), base64.b64encode(raw)]
     for root in (run, Path(tempfile.gettempdir())):
         for path in root.rglob("*"):

@@ -225,7 +225,7 @@ def test_key_file_is_private_and_checked(tmp_path: Path) -> None:
     write_key_file(path, key)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_key_file(path).check_value() == key.check_value()
-    assert key.raw_bytes_for_tests().hex() not in repr(key)
+    assert key.raw_bytes().hex() not in repr(key)
     with pytest.raises(KeyFileError, match="refusing to replace"):
         write_key_file(path, ConsortiumKey.generate())
     path.chmod(0o644)

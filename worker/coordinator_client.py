@@ -17,7 +17,7 @@ import structlog
 from common.chunks import Assembler, chunk_messages
 from common.config import ChannelConfig
 from common.errors import FailedPrecondition
-from common.rpc import Backoff, make_channel, retryable
+from common.rpc import Backoff, RpcClient, make_channel, retryable
 from fedfhe.v1 import coordinator_pb2 as pb
 from fedfhe.v1 import coordinator_pb2_grpc
 
@@ -41,19 +41,16 @@ def _upload_stream(request: Any, header: Any, payload: bytes) -> AsyncIterator[A
     return stream()
 
 
-class CoordinatorClient:
+class CoordinatorClient(RpcClient):
     def __init__(self, target: str, channel: ChannelConfig) -> None:
-        self.target, self.channel_cfg = target, channel
-        self._connect()
-
-    def _connect(self) -> None:
-        self.channel = make_channel(self.target, self.channel_cfg)
+        super().__init__(target, channel)
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def reconnect(self) -> None:
         """A fresh channel (the coordinator restarted, or the connection broke)."""
         await self.channel.close()
-        self._connect()
+        self.channel = make_channel(self.target, self.channel_cfg)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def register(self, worker_name: str, num_records: int, key_check_value: bytes,
                        no_dp: bool) -> pb.RegisterResponse:
@@ -109,13 +106,4 @@ class CoordinatorClient:
                 log.warning("coordinator unreachable; reconnecting", code=exc.code().name, backoff=backoff.delay)
             await backoff.wait()
             await self.reconnect()
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> CoordinatorClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
