@@ -29,3 +29,8 @@ class Unauthenticated(FedfheError):
 
 class PermissionDenied(FedfheError):
     """The caller is known but not allowed to do this."""
+
+
+class NodeMisbehaved(FailedPrecondition):
+    """An FHE node's answer failed the worker's checks (Freivalds, plan, protocol): it is not used, the step
+    that needed it is abandoned, and the worker stops using that node for the session."""

@@ -605,7 +605,7 @@ def main() -> int:
     client = FheClient(f"{target_host}:{node.port}", channel, params, mw.model_id)
     counters = Counters(probe, node)
     try:
-        bases = {"fhe": QuantizedLinears(FheEngine(client)),
+        bases = {"fhe": QuantizedLinears(FheEngine(client, weights)),
                  "local": QuantizedLinears(LocalEngine(weights, params)),
                  "float": FloatLinears(mw)}
         instrument_worker(probe, client, bases)

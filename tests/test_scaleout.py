@@ -74,8 +74,9 @@ def test_round_robin_spreads_sessions_over_fhe_nodes() -> None:
             local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)))
             with torch.no_grad():
                 want = local(ids)
+                public = PublicWeights(tiny)
                 for c in clients:
-                    np.testing.assert_array_equal(SplitLlama(tiny, QuantizedLinears(FheEngine(c)))(ids), want)
+                    np.testing.assert_array_equal(SplitLlama(tiny, QuantizedLinears(FheEngine(c, public)))(ids), want)
         finally:
             for c in clients:
                 c.close()

@@ -74,7 +74,7 @@ def encode(texts: list[str], max_len: int = 48) -> tuple[torch.Tensor, torch.Ten
 
 def test_encrypted_forward_and_generation_equal_local(smol, client) -> None:
     local = SplitLlama(smol, QuantizedLinears(LocalEngine(PublicWeights(smol), EXACT)))
-    remote = SplitLlama(smol, QuantizedLinears(FheEngine(client)))
+    remote = SplitLlama(smol, QuantizedLinears(FheEngine(client, PublicWeights(smol))))
     ids, mask = encode(NOTES[:1], max_len=24)
     up0, start = client.bytes_up, time.perf_counter()
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_quantization_costs_under_2_percent_cross_entropy(smol) -> None:
 def test_encrypted_lora_gradients_match_plain_autograd_every_layer(smol, client) -> None:
     ids, mask = encode(NOTES[2:3], max_len=16)
     grads = {}
-    for name, base in [("fhe", QuantizedLinears(FheEngine(client))),
+    for name, base in [("fhe", QuantizedLinears(FheEngine(client, PublicWeights(smol)))),
                        ("autograd", FloatLinears(dequantized(smol)))]:
         model = SplitLlama(smol, base, LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up",
                                                                              "down"), ffa=False, seed=2))
@@ -123,7 +123,7 @@ def test_encrypted_lora_gradients_match_plain_autograd_every_layer(smol, client)
 
 
 def test_lora_steps_through_fhe_lower_clinical_loss(smol, client) -> None:
-    model = SplitLlama(smol, QuantizedLinears(FheEngine(client)), LORA)
+    model = SplitLlama(smol, QuantizedLinears(FheEngine(client, PublicWeights(smol))), LORA)
     ids, mask = encode(NOTES[3:5], max_len=24)
     losses = train_steps(model, ids, mask, steps=4, lr=3e-3)
     print("\nFHE LoRA training loss:", [round(v, 4) for v in losses])

@@ -80,7 +80,7 @@ def dequantized(weights: ModelWeights) -> ModelWeights:
 def test_encrypted_logits_equal_local_quantized_logits_exactly(tiny, client) -> None:
     ids, mask = batch()
     local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)), LORA)
-    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
+    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client, PublicWeights(tiny))), LORA)
     with torch.no_grad():
         a, b = local(ids, mask), remote(ids, mask)
     assert torch.equal(a, b)
@@ -94,7 +94,7 @@ def test_encrypted_backward_equals_local_and_matches_plain_autograd(tiny, client
     ids, mask = batch(1)
     grads = {}
     for name, base in [("local", QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT))),
-                       ("fhe", QuantizedLinears(FheEngine(client))),
+                       ("fhe", QuantizedLinears(FheEngine(client, PublicWeights(tiny)))),
                        ("autograd", FloatLinears(dequantized(tiny)))]:
         model = SplitLlama(tiny, base, LORA)
         with torch.no_grad():  # a nonzero B so every LoRA factor gets a gradient signal
@@ -120,7 +120,7 @@ def test_compact_set_gradients_follow_plain_autograd(tiny, node_address: str) ->
     ids, mask = batch(1)
     grads = {}
     with FheClient(node_address, ChannelConfig(insecure=True), COMPACT, "tiny") as compact:
-        for name, base in [("fhe", QuantizedLinears(FheEngine(compact))),
+        for name, base in [("fhe", QuantizedLinears(FheEngine(compact, PublicWeights(tiny)))),
                            ("autograd", FloatLinears(dequantized(tiny)))]:
             model = SplitLlama(tiny, base, LORA)
             with torch.no_grad():
@@ -151,7 +151,7 @@ def test_ffa_lora_freezes_a_and_starts_at_the_base_model(tiny) -> None:
 
 
 def test_lora_steps_through_the_encrypted_path_lower_the_loss(tiny, client) -> None:
-    model = SplitLlama(tiny, QuantizedLinears(FheEngine(client)), LORA)
+    model = SplitLlama(tiny, QuantizedLinears(FheEngine(client, PublicWeights(tiny))), LORA)
     ids, mask = batch(2, (2, 16))
     losses = train_steps(model, ids, mask, steps=6, lr=0.02)
     assert losses[-1] < losses[0] - 0.05, losses
@@ -160,5 +160,5 @@ def test_lora_steps_through_the_encrypted_path_lower_the_loss(tiny, client) -> N
 def test_greedy_generation_matches_token_for_token(tiny, client) -> None:
     prompt = torch.tensor([[5, 17, 99, 3]])
     local = SplitLlama(tiny, QuantizedLinears(LocalEngine(PublicWeights(tiny), EXACT)))
-    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client)))
+    remote = SplitLlama(tiny, QuantizedLinears(FheEngine(client, PublicWeights(tiny))))
     assert generate(remote, prompt, 8) == generate(local, prompt, 8)

@@ -14,7 +14,8 @@ from worker.train import ACCOUNTANTS, DpSettings
 
 @dataclass(frozen=True)
 class WorkerConfig(ChannelConfig, LogConfig):
-    fhe: str = opt("", help="FHE node address HOST:PORT (compute mode fhe)")
+    fhe: str = opt("", help="FHE node address HOST:PORT (compute mode fhe); several, comma-separated, in order "
+                            "of preference: the worker moves to the next when a node's answer fails verification")
     mode: str = opt("fhe", help="compute mode: fhe (encrypted), local (same arithmetic, own CPU), float",
                     choices=list(MODES))
     model: str = opt("tiny", help="base model", choices=list(MODEL_IDS))

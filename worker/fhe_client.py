@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -20,11 +20,11 @@ import structlog
 
 from common.chunks import CHUNK_BYTES, Assembler, chunk_messages
 from common.config import ChannelConfig
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, FedfheError, NodeMisbehaved
 from common.lwe import wire
 from common.lwe.params import LweParams
 from common.lwe.prg import new_seed
-from common.messages import PARAM_SET_VALUES, key_to_proto
+from common.messages import PARAM_SET_VALUES, key_from_proto, key_to_proto
 from common.rpc import Backoff, make_channel, retryable
 from common.stages import Direction, Stage, WeightKey
 from fedfhe.v1 import fhe_pb2, fhe_pb2_grpc
@@ -39,19 +39,35 @@ class StreamEnded(FailedPrecondition):
 
 
 class FheClient:
-    """A session with the FHE node under a fresh public seed (a new A per session)."""
+    """A session with an FHE node under a public seed of this worker's choosing.
 
-    def __init__(self, target: str, channel: ChannelConfig, params: LweParams, model_id: str,
-                 *, chunk_bytes: int = CHUNK_BYTES, max_result_bytes: int = 1 << 30,
-                 reconnect_seconds: float = 60.0) -> None:
-        self.target, self.channel_cfg, self.params, self.model_id = target, channel, params, model_id
+    `targets` lists the nodes this worker may use, in order of preference; it uses one at a
+    time and moves to the next when `abandon` is called (the node's answer failed a check).
+    `rotate` starts over under a fresh seed (a new A, new hints). Any answer this client cannot
+    attribute or parse (an unknown or repeated request id, malformed chunks or bytes, no answer
+    within `reply_seconds`) fails the calls waiting on that session with NodeMisbehaved and ends
+    the session; the next call opens a new one, so the client stays usable.
+    """
+
+    def __init__(self, targets: str | Sequence[str], channel: ChannelConfig, params: LweParams, model_id: str,
+                 *, weights_digest: bytes | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 max_result_bytes: int = 1 << 30, reconnect_seconds: float = 60.0,
+                 reply_seconds: float = 600.0) -> None:
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("no FHE node address")
+        self.node_index = 0
+        self.channel_cfg, self.params, self.model_id = channel, params, model_id
+        self.weights_digest = weights_digest  # the public model this worker loaded itself
         self.seed = new_seed()
         self.chunk_bytes, self.max_result_bytes = chunk_bytes, max_result_bytes
-        self.reconnect_seconds = reconnect_seconds
+        self.reconnect_seconds, self.reply_seconds = reconnect_seconds, reply_seconds
         self.model_info: fhe_pb2.ModelInfo | None = None
         self.bytes_up = 0
         self.bytes_down = 0
         self.sessions_opened = 0
+        self.seeds_used = 1
+        self.abandoned: list[tuple[str, str]] = []  # (node, why): nodes whose answers failed a check
         self._hints: dict[WeightKey, tuple[StageMeta, np.ndarray]] = {}
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[np.ndarray], Assembler]] = {}
@@ -62,6 +78,10 @@ class FheClient:
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def target(self) -> str:
+        return self.targets[self.node_index]
 
     async def _connect(self) -> None:
         self._channel = make_channel(self.target, self.channel_cfg)
@@ -79,6 +99,9 @@ class FheClient:
         self._call = self._stub.Evaluate(self._requests(self._outbox), wait_for_ready=wait_for_ready)
         self._reader = asyncio.create_task(self._read(self._call, self._opened))
         opened = await self._opened
+        if self.weights_digest is not None and opened.model.weights_digest != self.weights_digest:
+            raise NodeMisbehaved(f"the FHE node {self.target} serves other weights than the public model "
+                                 f"{self.model_id!r} this worker loaded")
         if self.model_info is not None and opened.model.weights_digest != self.model_info.weights_digest:
             raise FailedPrecondition("the FHE node now serves different weights than this session's hints")
         self.model_info = opened.model
@@ -99,12 +122,24 @@ class FheClient:
                     continue
                 r = resp.result
                 self.bytes_down += len(r.result.data)
-                fut, asm = self._pending[r.request_id]
-                if asm.add(r.result):
+                entry = self._pending.get(r.request_id)
+                if entry is None:
+                    raise NodeMisbehaved(f"the FHE node answered request id {r.request_id}, which is not waiting "
+                                         "for an answer (unknown, or already answered)")
+                fut, asm = entry
+                try:
+                    done = asm.add(r.result)
+                    y = wire.decode(asm.payload(), kind=wire.Kind.RESULT, log_q=self.params.log_q) if done else None
+                except (FedfheError, wire.WireFormatError) as exc:
+                    raise NodeMisbehaved(f"malformed answer to request {r.request_id}: {exc}") from None
+                if y is not None:
                     del self._pending[r.request_id]
-                    fut.set_result(wire.decode(asm.payload(), kind=wire.Kind.RESULT, log_q=self.params.log_q))
+                    fut.set_result(y)
             raise StreamEnded("the FHE node closed the session stream")
         except BaseException as exc:  # every waiter learns why the stream ended
+            if isinstance(exc, NodeMisbehaved):
+                log.error("FHE node misbehaved; session ended", node=self.target, error=str(exc))
+                call.cancel()
             for fut, _ in self._pending.values():
                 if not fut.done():
                     fut.set_exception(exc)
@@ -153,6 +188,8 @@ class FheClient:
         data = wire.encode(wire.Kind.CIPHERTEXT, b)
 
         async def attempt() -> np.ndarray:
+            if self._reader.done():  # the last session ended (a misbehaving node): open the next one
+                await self._reopen(self._generation)
             rid = next(self._ids)
             fut: asyncio.Future[np.ndarray] = self._loop.create_future()
             self._pending[rid] = (fut, Assembler(self.max_result_bytes))
@@ -161,7 +198,12 @@ class FheClient:
             for chunk in chunk_messages(data, self.chunk_bytes):
                 await outbox.put(fhe_pb2.EvaluateRequest(pass_request=fhe_pb2.PassRequest(
                     request_id=rid, key=key_to_proto(key), ciphertext=chunk)))
-            return await fut
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), self.reply_seconds)
+            except TimeoutError:
+                self._pending.pop(rid, None)
+                raise NodeMisbehaved(f"the FHE node {self.target} did not answer request {rid} within "
+                                     f"{self.reply_seconds:g} s") from None
         return await self._retrying(attempt)
 
     def multiply(self, key: WeightKey, b: np.ndarray) -> np.ndarray:
@@ -176,13 +218,20 @@ class FheClient:
             if resp.WhichOneof("kind") == "header":
                 header, asm = resp.header, Assembler(self.max_result_bytes)
                 continue
-            assert header is not None and asm is not None
+            if header is None or asm is None:
+                raise NodeMisbehaved("the FHE node sent hint bytes before a hint header")
             self.bytes_down += len(resp.chunk.data)
-            if asm.add(resp.chunk):
-                h = wire.decode(asm.payload(), kind=wire.Kind.HINT, log_q=self.params.log_q,
-                                rows=header.rows, cols=self.params.n)
+            try:
+                done = asm.add(resp.chunk)
+                h = wire.decode(asm.payload(), kind=wire.Kind.HINT, log_q=self.params.log_q, rows=header.rows,
+                                cols=self.params.n) if done else None
+                key = key_from_proto(header.key)
+            except (FedfheError, wire.WireFormatError) as exc:
+                raise NodeMisbehaved(f"malformed hint from the FHE node: {exc}") from None
+            if h is not None:
+                if key not in keys:
+                    raise NodeMisbehaved(f"the FHE node sent a hint for {key}, which was not asked for")
                 scales = np.frombuffer(header.row_scales, dtype="<f4").copy() if header.row_scales else None
-                key = WeightKey(header.key.layer, header.key.stage, header.key.direction)
                 meta = StageMeta(header.act_bits, header.delta_bits, header.rows, header.cols, scales)
                 self._hints[key] = (meta, h)
                 done += 1
@@ -213,13 +262,45 @@ class FheClient:
             self._run(self._retrying(lambda: self._fetch_hints([key])))
         return self._hints[key]
 
+    async def _end_session(self) -> None:
+        await self._outbox.put(None)  # ends the request stream: the node finishes and closes the session
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+        except (TimeoutError, asyncio.CancelledError):
+            self._reader.cancel()
+        except BaseException:  # noqa: S110 - the session is over whatever it ended with
+            pass
+
+    async def _new_seed(self, *, next_node: bool) -> None:
+        await self._end_session()
+        self._hints.clear()
+        self.seed, self.model_info = new_seed(), None
+        self.seeds_used += 1
+        if next_node:
+            await self._channel.close()
+            self.node_index = (self.node_index + 1) % len(self.targets)
+            await self._connect()
+        else:
+            await self._open_session(wait_for_ready=True)
+
+    def rotate(self) -> None:
+        """Start over under a fresh seed (a new public A): new session, hints fetched again when next needed."""
+        self._run(self._new_seed(next_node=False))
+        log.info("FHE seed rotated", seeds=self.seeds_used, node=self.target)
+
+    def abandon(self, why: str) -> None:
+        """This node's answer failed a check: stop using it and move to the next node (with a fresh seed)."""
+        bad = self.target
+        self.abandoned.append((bad, why))
+        self._run(self._new_seed(next_node=True))
+        if self.target == bad:
+            log.warning("no other FHE node to move to; a fresh session on the same node", node=bad, reason=why)
+        else:
+            log.warning("moved to another FHE node", abandoned=bad, node=self.target, reason=why)
+
     def close(self) -> None:
         async def shutdown() -> None:
-            await self._outbox.put(None)  # ends the request stream: the node finishes and closes the session
-            try:
-                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
+            await self._end_session()
             await self._channel.close()
 
         if self._thread.is_alive():

@@ -5,23 +5,27 @@ W·x = s_x·s_w·(W_int·X_int). Backward: Wᵀ·δ = W_intᵀ·(s_w ⊙ δ), wi
 quantized per token. The engine supplies W_int·X_int exactly:
 
 - LocalEngine: the worker holds the public int weights and multiplies itself.
-- FheEngine: encrypt X_int under the session's A, the node returns W·B, decrypt
-  with the hint. With the exact parameter set both engines return the same
-  integers, so the two modes give bit-identical activations and gradients.
+- FheEngine: encrypt X_int under the session's A, the node returns W·B, the
+  worker verifies it (Freivalds) and decrypts with the (verified) hint. With the
+  exact parameter set both engines return the same integers, so the two modes
+  give bit-identical activations and gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from common.errors import NodeMisbehaved
 from common.lwe import scheme
 from common.lwe.params import LweParams
 from common.lwe.prg import Randomness, expand_a
 from common.lwe.quant import dequantize_product, quantize_tokens
+from common.lwe.verify import Verifier
 from common.stages import Direction, PublicWeights, Stage, WeightKey
 
 
@@ -67,6 +71,13 @@ class QuantizedLinears:
         return torch.from_numpy((y_int.T.astype(np.float64) * sg[:, None]).astype(np.float32))
 
 
+def own_meta(weights: PublicWeights, params: LweParams, key: WeightKey) -> StageMeta:
+    """A stage's plan and scales as this worker derives them from the public weights (never from the node)."""
+    plan = weights.plan(params, key)
+    scales = weights.row_scales(key) if key.direction == Direction.FORWARD else None
+    return StageMeta(plan.act_bits, plan.delta_bits, plan.d_out, plan.d_in, scales)
+
+
 class LocalEngine:
     """The worker multiplies the public int weights itself, with the plan of the chosen parameter set."""
 
@@ -74,9 +85,7 @@ class LocalEngine:
         self.weights, self.params = weights, params
 
     def meta(self, key: WeightKey) -> StageMeta:
-        plan = self.weights.plan(self.params, key)
-        scales = self.weights.row_scales(key) if key.direction == Direction.FORWARD else None
-        return StageMeta(plan.act_bits, plan.delta_bits, plan.d_out, plan.d_in, scales)
+        return own_meta(self.weights, self.params, key)
 
     def product(self, key: WeightKey, x_int: np.ndarray) -> np.ndarray:
         # Exact in float64: the plan keeps ‖w‖₁·x_max < 2^35 (exact set), far below 2^53.
@@ -87,30 +96,82 @@ class RemoteNode(Protocol):
     """What FheEngine needs from a connection to the node (worker.fhe_client.FheClient)."""
 
     params: LweParams
-    seed: bytes
+    seed: bytes  # the current public seed; a new one (rotation, another node) means new A and hints
 
     def hint(self, key: WeightKey) -> tuple[StageMeta, np.ndarray]: ...
 
     def multiply(self, key: WeightKey, b: np.ndarray) -> np.ndarray: ...
 
 
-class FheEngine:
-    """Encrypted products: fresh secret per batch, the node sees only B."""
+class PlanMismatch(NodeMisbehaved):
+    """The node's hint header disagrees with the plan this worker derived from the public weights."""
 
-    def __init__(self, node: RemoteNode, rng: Randomness | None = None) -> None:
-        self.node = node
-        self._a: dict[int, np.ndarray] = {}
+
+def check_node_meta(key: WeightKey, theirs: StageMeta, ours: StageMeta) -> None:
+    """Refuse a hint whose quantization plan, shape or row scales differ from ours (bit for bit)."""
+    fields = [("act_bits", theirs.act_bits, ours.act_bits), ("delta_bits", theirs.delta_bits, ours.delta_bits),
+              ("rows", theirs.rows, ours.rows), ("cols", theirs.cols, ours.cols)]
+    wrong = [f"{name} {a} (ours {b})" for name, a, b in fields if a != b]
+    if (theirs.row_scales is None) != (ours.row_scales is None) or (
+            ours.row_scales is not None and theirs.row_scales is not None
+            and theirs.row_scales.astype(np.float32).tobytes() != ours.row_scales.astype(np.float32).tobytes()):
+        wrong.append("row_scales")
+    if wrong:
+        raise PlanMismatch(f"the node's plan for {key} differs from the public weights': {', '.join(wrong)}")
+
+
+class FheEngine:
+    """Encrypted products: fresh secret per batch, the node sees only B, and every answer is verified.
+
+    The plan (bit widths, Δ, row scales) is this worker's own, from the public weights; the node's
+    hint header must agree with it. Each hint is Freivalds-checked once per seed before first use,
+    each product before it is decrypted (common.lwe.verify); a failure raises NodeMisbehaved and
+    leaves nothing decrypted. The check rows are drawn afresh whenever the node's seed changes.
+    """
+
+    def __init__(self, node: RemoteNode, weights: PublicWeights, rng: Randomness | None = None) -> None:
+        self.node, self.weights = node, weights
         self._rng = rng
+        self._seed = b""
+        self._a: dict[int, np.ndarray] = {}
+        self._verified: set[WeightKey] = set()
+        self.verifier = Verifier(self._matrix, node.params)
+
+    def _matrix(self, key: Hashable) -> np.ndarray:
+        assert isinstance(key, WeightKey)
+        return self.weights.matrix(key)
+
+    def _epoch(self) -> None:
+        """A new seed: new A, hints not yet verified, new secret check rows."""
+        if self.node.seed != self._seed:
+            self._seed, self._a = self.node.seed, {}
+            self._verified.clear()
+            self.verifier.close()
+            self.verifier = Verifier(self._matrix, self.node.params)
+
+    def _public_a(self, cols: int) -> np.ndarray:
+        if cols not in self._a:
+            self._a[cols] = expand_a(self._seed, cols, self.node.params)
+        return self._a[cols]
 
     def meta(self, key: WeightKey) -> StageMeta:
-        return self.node.hint(key)[0]
+        return own_meta(self.weights, self.node.params, key)
+
+    def _hint(self, key: WeightKey, ours: StageMeta) -> np.ndarray:
+        theirs, h = self.node.hint(key)
+        check_node_meta(key, theirs, ours)
+        if key not in self._verified:
+            self.verifier.check_hint(key, self._public_a(ours.cols), h)
+            self._verified.add(key)
+        return h
 
     def product(self, key: WeightKey, x_int: np.ndarray) -> np.ndarray:
-        meta, h = self.node.hint(key)
+        self._epoch()
+        meta = self.meta(key)
+        h = self._hint(key, meta)
         p = self.node.params
-        if meta.cols not in self._a:
-            self._a[meta.cols] = expand_a(self.node.seed, meta.cols, p)
         kwargs = {"rng": self._rng} if self._rng is not None else {}
-        enc = scheme.encrypt(p, self._a[meta.cols], x_int, meta.delta_bits, **kwargs)
+        enc = scheme.encrypt(p, self._public_a(meta.cols), x_int, meta.delta_bits, **kwargs)
         y = self.node.multiply(key, enc.b)
+        self.verifier.check_product(key, enc.b, y)  # before anything is decrypted
         return scheme.decrypt(p, y, h, enc.s, meta.delta_bits)

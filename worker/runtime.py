@@ -31,15 +31,21 @@ class Runtime:
 
 def build(mode: str, model_id: str, params: LweParams, lora: LoraConfig | None = None, *,
           fhe_target: str = "", channel: ChannelConfig | None = None, reconnect_seconds: float = 60.0) -> Runtime:
-    """fhe: base linears on the node over LWE; local: the worker multiplies the same int weights; float: reference."""
+    """fhe: base linears on the node over LWE; local: the worker multiplies the same int weights; float: reference.
+
+    fhe_target may list several nodes, comma-separated: the worker moves to the next one when a node's
+    answer fails verification.
+    """
     weights = load_model(model_id)
     client = None
     if mode == "fhe":
         if not fhe_target:
             raise ValueError("fhe mode needs the FHE node's address (--fhe HOST:PORT)")
-        client = FheClient(fhe_target, channel or ChannelConfig(insecure=True), params, model_id,
-                           reconnect_seconds=reconnect_seconds)
-        base: Any = QuantizedLinears(FheEngine(client))
+        public = PublicWeights(weights)  # the worker's own plans and check rows come from these
+        client = FheClient([t.strip() for t in fhe_target.split(",") if t.strip()],
+                           channel or ChannelConfig(insecure=True), params, model_id,
+                           weights_digest=public.digest, reconnect_seconds=reconnect_seconds)
+        base: Any = QuantizedLinears(FheEngine(client, public))
     elif mode == "local":
         base = QuantizedLinears(LocalEngine(PublicWeights(weights), params))
     elif mode == "float":
