@@ -3,8 +3,8 @@
 One run times, side by side and interleaved (best of N), for W (d×d) int8 and X (d×T):
 
 - plaintext: float32 W @ X (numpy and torch; the faster one is the reference);
-- node: `scheme.evaluate` (exact mod-q GEMM) with W cached as float64, as
-  `NodeWeights.matrix_f64` does, for the exact set (q=2^64, n=2048) and the
+- node: `scheme.multiply` (exact mod-q GEMM) with W cached as float64, as
+  `PublicWeights.matrix_f64` does, for the exact set (q=2^64, n=2048) and the
   compact set (q=2^32, n=1280) of `common.lwe.params`;
 - worker: `scheme.encrypt` and `scheme.decrypt` (with the hint), split into the
   part that does not depend on X (sampling S and E, A·S, H·S: offline pads)
@@ -336,7 +336,7 @@ class Width:
         self.d = d
         # Public benchmark data (numpy RNG is fine here): worst-case-like int8 weights, uniform on ±127.
         self.w8 = rng.integers(-127, 128, size=(d, d)).astype(np.int8)
-        self.w64 = self.w8.astype(np.float64)  # what NodeWeights.matrix_f64 caches
+        self.w64 = self.w8.astype(np.float64)  # what PublicWeights.matrix_f64 caches
         self.w32 = self.w8.astype(np.float32)
         self.sets: dict[str, dict[str, Any]] = {}
         for params in (EXACT, COMPACT):
@@ -399,7 +399,7 @@ def bench_shape(wd: Width, t: int, repeat: int, budget_flop: float, rng, zama_se
         params, plan = st["params"], st["plan"]
         st["x"] = rng.integers(-plan.act_max, plan.act_max + 1, size=(d, t), dtype=np.int64)
         st["enc"] = scheme.encrypt(params, st["a"], st["x"], plan.delta_bits)
-        st["y"] = scheme.evaluate(params, w64, st["enc"].b)
+        st["y"] = scheme.multiply(params, w64, st["enc"].b)
         got = scheme.decrypt(params, st["y"], st["h"], st["enc"].s, plan.delta_bits)
         want = np.rint(w64 @ st["x"].astype(np.float64)).astype(np.int64)  # |W·X| < 2^53: exact in float64
         err = np.abs(got - want)
@@ -413,13 +413,13 @@ def bench_shape(wd: Width, t: int, repeat: int, budget_flop: float, rng, zama_se
             st["pad"] = matmul_mod(st["a"], s2, log_q=params.log_q, small="right", small_bound=params.tail_bound
                                    ) + scheme._as_residues(e2, params)
         st["hs"] = matmul_mod(st["h"], s2, log_q=params.log_q, small="right", small_bound=params.tail_bound)
-        st["y2"] = scheme.evaluate(params, w64, online_encrypt(params, st["pad"], st["x"], plan.delta_bits))
+        st["y2"] = scheme.multiply(params, w64, online_encrypt(params, st["pad"], st["x"], plan.delta_bits))
         got2 = online_decrypt(params, st["y2"], st["hs"], plan.delta_bits)
         if not np.array_equal(got2, scheme.decrypt(params, st["y2"], st["h"], s2, plan.delta_bits)):
             raise SystemExit("the composed online steps disagree with scheme.encrypt / scheme.decrypt")
         if params.exact and not np.array_equal(got2, want):
             raise SystemExit(f"exact set: offline/online path is not exact at d={d}, T={t}")
-        timer.add(f"{name}_node", lambda p=params, st=st: scheme.evaluate(p, w64, st["enc"].b))
+        timer.add(f"{name}_node", lambda p=params, st=st: scheme.multiply(p, w64, st["enc"].b))
         timer.add(f"{name}_encrypt", lambda p=params, st=st: scheme.encrypt(p, st["a"], st["x"],
                                                                              st["plan"].delta_bits))
         timer.add(f"{name}_decrypt", lambda p=params, st=st: scheme.decrypt(p, st["y"], st["h"], st["enc"].s,
