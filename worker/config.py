@@ -66,6 +66,8 @@ class JoinConfig(WorkerConfig):
     min_aggregate: int = opt(2, help="open only aggregates of at least this many hospitals (the coordinator "
                                      "holds each contribution and could otherwise serve one alone)")
     progress: bool = opt(False, help="show progress bars for local steps and hint downloads")
+    rotate_seed_rounds: int = opt(1, help="a fresh public seed (a new LWE matrix A, new hints) every this many "
+                                          "rounds, set up after submitting (0: one seed for the whole run)")
     replay_seed: int = opt(0, help="draw batch sampling and DP noise from an AES-CTR stream keyed by this seed "
                                    "and the worker name, so a run can be repeated exactly (comparisons only: "
                                    "noise that can be replayed protects nothing; 0: the OS CSPRNG)")
@@ -76,9 +78,10 @@ class JoinConfig(WorkerConfig):
             raise ConfigError("--coordinator HOST:PORT is required")
         if self.data is None or self.consortium_key is None:
             raise ConfigError("--data and --consortium-key are required")
-        if self.eval_records < 0 or self.reconnect_seconds < 0 or self.min_aggregate < 1 or self.replay_seed < 0:
-            raise ConfigError("--eval-records, --reconnect-seconds and --replay-seed must be >= 0, "
-                              "--min-aggregate >= 1")
+        if (self.eval_records < 0 or self.reconnect_seconds < 0 or self.min_aggregate < 1 or self.replay_seed < 0
+                or self.rotate_seed_rounds < 0):
+            raise ConfigError("--eval-records, --reconnect-seconds, --replay-seed and --rotate-seed-rounds must be "
+                              ">= 0, --min-aggregate >= 1")
         if not self.no_dp and self.privacy_ledger is None:
             raise ConfigError("--privacy-ledger FILE is required with DP: it keeps the epsilon spent across "
                               "restarts (a restarted worker must not start again from 0)")

@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 import torch
 
-from common.errors import FailedPrecondition, FedfheError
+from common.errors import FailedPrecondition, FedfheError, NodeMisbehaved
 from common.lwe.params import by_name
 from common.lwe.prg import DeterministicRandomness
 from common.messages import (
@@ -129,6 +129,8 @@ class FederatedWorker:
         self.round_cfg: TrainingConfig | None = None  # the newest round's settings
         # Reconnect to a coordinator that went away while it was heard from within reconnect_seconds.
         self.backoff = Backoff(cfg.reconnect_seconds, first=0.5)
+        self.node_failures = 0  # FHE answers that failed verification (each ends that node's session)
+        self._rotation: asyncio.Task[None] | None = None  # a new FHE seed being set up between rounds
 
     # ---- metrics ----------------------------------------------------------------------------------
 
@@ -155,8 +157,11 @@ class FederatedWorker:
         client = self.runtime.client
         if client is not None:  # every hint in one stream up front: the first steps do not stall on them
             start = time.perf_counter()
-            with progress_bar("hints", client.hint_count, self.cfg.progress) as update:
-                client.prefetch_hints(progress=update)
+            try:
+                with progress_bar("hints", client.hint_count, self.cfg.progress) as update:
+                    client.prefetch_hints(progress=update)
+            except NodeMisbehaved as exc:  # fetched again, from the next node, as they are needed
+                self.node_failed(exc, 0, "hint download")
             log.info("hints fetched", count=client.hint_count, bytes=client.bytes_down,
                      seconds=round(time.perf_counter() - start, 2))
         rng = (DeterministicRandomness(f"{self.cfg.replay_seed}/{self.worker_id}".encode())
@@ -171,9 +176,49 @@ class FederatedWorker:
         if not self.held_out or self.runtime is None:
             return
         start = time.perf_counter()
-        loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
+        try:
+            loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
+        except NodeMisbehaved as exc:  # no loss is recorded from an answer that failed verification
+            self.node_failed(exc, round_, "evaluation")
+            return
         self.metric("evaluated", round=round_, eval_loss=loss, records=len(self.held_out),
                     seconds=round(time.perf_counter() - start, 3))
+
+    # ---- the FHE node -----------------------------------------------------------------------------
+
+    def node_failed(self, exc: NodeMisbehaved, round_: int, during: str) -> None:
+        """An answer of the node failed a check: count it, say so, and move to another node (fresh seed)."""
+        self.node_failures += 1
+        client = self.runtime.client if self.runtime is not None else None
+        node = client.target if client is not None else ""
+        log.error("FHE node answer rejected; nothing from it was used", round=round_, during=during, node=node,
+                  error=str(exc))
+        self.metric("node_rejected", round=round_, during=during, node=node, error=str(exc)[:500],
+                    node_failures=self.node_failures)
+        if client is not None:
+            client.abandon(str(exc)[:200])
+
+    def rotate_seed(self) -> None:
+        """A fresh public seed (a new A) for the next round, its hints fetched before they are needed."""
+        client = self.runtime.client if self.runtime is not None else None
+        if client is None or self.cfg.rotate_seed_rounds == 0:
+            return
+        start = time.perf_counter()
+        client.rotate()
+        try:
+            client.prefetch_hints()
+        except NodeMisbehaved as exc:  # the hints are fetched again, from the next node, as they are needed
+            self.node_failed(exc, 0, "hint download")
+        log.info("FHE seed rotated", seeds=client.seeds_used, seconds=round(time.perf_counter() - start, 2))
+
+    async def settle_rotation(self) -> None:
+        """Wait for a seed rotation in progress (the client serves one caller at a time)."""
+        task, self._rotation = self._rotation, None
+        if task is not None:
+            try:
+                await task
+            except (FedfheError, grpc.aio.AioRpcError) as exc:  # the next products reopen the session
+                log.warning("FHE seed rotation failed; the next products will retry", error=str(exc)[:200])
 
     # ---- patches ----------------------------------------------------------------------------------
 
@@ -240,6 +285,7 @@ class FederatedWorker:
 
     async def on_started(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted) -> None:
         r = started.round
+        await self.settle_rotation()
         cfg = self.round_cfg = config_from_proto(started.config)
         runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
         assert self.trainer is not None and self.global_state is not None
@@ -258,8 +304,15 @@ class FederatedWorker:
             await self.decline(client, r, why)
             return
         fhe_before = runtime.client.bytes_up if runtime.client else 0
-        with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
-            result = await asyncio.to_thread(self.trainer.train_round, cfg, update)
+        try:
+            with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
+                result = await asyncio.to_thread(self.trainer.train_round, cfg, update)
+        except NodeMisbehaved as exc:  # the step stopped before any state changed; this round's training is dropped
+            load_lora_state_dict(runtime.model, self.global_state)
+            await asyncio.to_thread(self.node_failed, exc, r, "training")
+            await self.decline(client, r, f"an FHE node answer failed verification ({exc}); this round's "
+                                          "local training was discarded")
+            return
         fhe_up = (runtime.client.bytes_up if runtime.client else 0) - fhe_before
         fields = {"round": r, "train_loss": result.train_loss, "epsilon": result.epsilon, "no_dp": not self.dp.enabled,
                   "noise_multiplier": self.trainer.noise_multiplier, "delta": self.trainer.delta,
@@ -273,6 +326,9 @@ class FederatedWorker:
             self.metric("refused", **fields, reason=exc.details())  # late: it catches up next round
             return
         self.metric("submitted", **fields, update_bytes=sent, bytes_up=sent + fhe_up)
+        if runtime.client is not None and self.cfg.rotate_seed_rounds and r % self.cfg.rotate_seed_rounds == 0:
+            # While the other hospitals finish this round: the next round's products use a new A.
+            self._rotation = asyncio.create_task(asyncio.to_thread(self.rotate_seed))
 
     async def restore(self, client: CoordinatorClient) -> None:
         """Re-seed a coordinator that lost its buffers with the global adapter this worker holds."""
@@ -313,6 +369,7 @@ class FederatedWorker:
                 self.metric("round_closed", round=closed.round, reason=closed.reason,
                             aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
                 if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
+                    await self.settle_rotation()
                     await self.sync(client, closed.round, self.round_cfg)  # a rejected one keeps the adapter
             elif kind == "finished":
                 self.metric("finished", last_round=event.finished.last_round,
