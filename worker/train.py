@@ -129,7 +129,8 @@ class Trainer:
     """Local rounds of (DP-)training on one hospital's token sequences."""
 
     def __init__(self, model: SplitLlama, records: Sequence[Sequence[int]], dp: DpSettings, *,
-                 pad_id: int = 0, rng: Randomness = os.urandom, ledger: Path | None = None) -> None:
+                 pad_id: int = 0, rng: Randomness = os.urandom, ledger: Path | None = None,
+                 max_physical_batch: int | None = None) -> None:
         if not records:
             raise ValueError("no training records")
         if any(len(r) < 2 for r in records):
@@ -142,6 +143,10 @@ class Trainer:
         self.ledger = ledger
         self._load_ledger()
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum") if dp.enabled else None
+        self.optimizer: torch.optim.Optimizer | None = None  # the current round's
+        if max_physical_batch is not None and max_physical_batch < 1:
+            raise ValueError(f"max_physical_batch must be >= 1, got {max_physical_batch}")
+        self.max_physical_batch = max_physical_batch  # None: one forward per logical step
 
     def _load_ledger(self) -> None:
         """Resume privacy accounting after a restart: ε spent before must still count."""
@@ -219,7 +224,42 @@ class Trainer:
         return pad_batch([self.records[i] for i in idx], cfg.max_seq_len, self.pad_id)
 
     def train_round(self, cfg: TrainingConfig, progress=None) -> RoundResult:  # type: ignore[no-untyped-def]
-        """cfg.local_steps optimizer steps on this worker's records; progress(step) is called after each."""
+        """cfg.local_steps optimizer steps on this worker's records; progress(step) is called after each.
+
+        A step that fails (an FHE node's answer rejected, say) raises before its optimizer step, its
+        noise and its accountant charge: the adapter, the optimizer and the accountant keep their state
+        from the step before, and no per-sample gradient outlives it. The steps that completed stay
+        charged and go to the ledger: they drew on the data, even though the caller discards this
+        round's adapter (charging what is never released is conservative, never the other way).
+        """
+        try:
+            return self._train_round(cfg, progress)
+        except BaseException:
+            self._forget_partial_step()
+            self._save_ledger()
+            self.model.eval()
+            raise
+
+    def _forget_partial_step(self) -> None:
+        """Drop what an interrupted forward/backward left behind: gradients, per-sample gradients, and
+        Opacus' bookkeeping of a backward that never ran (saved inputs, forward counters), which would
+        otherwise be paired with the next step's."""
+        for p in trainable_parameters(self.model):
+            p.grad = None
+            for attr in ("grad_sample", "summed_grad"):
+                if getattr(p, attr, None) is not None:
+                    setattr(p, attr, None)
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
+        for module in self.model.modules():
+            if hasattr(module, "activations"):
+                module.activations = []
+            if hasattr(module, "max_batch_len"):
+                del module.max_batch_len
+
+    def _train_round(self, cfg: TrainingConfig, progress=None) -> RoundResult:  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         why = self.refusal(cfg)
         if why is not None:
@@ -232,6 +272,7 @@ class Trainer:
             opt = CsprngDPOptimizer(opt, noise_multiplier=self.calibrate(cfg), max_grad_norm=self.dp.max_grad_norm,
                                     expected_batch_size=max(1, round(q * self.num_records)),
                                     loss_reduction="mean", rng=self.rng)
+        self.optimizer = opt  # this round's (its state is checked around an abandoned step in the tests)
         losses, sampled = [], 0
         for step in range(cfg.local_steps):
             opt.zero_grad()
@@ -242,14 +283,9 @@ class Trainer:
             sampled += len(idx)
             if len(idx) == 0:  # an empty Poisson batch: zero per-sample gradients, the noise step still happens
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
             else:
-                ids, mask = self._batch(idx, cfg)
-                per_seq = per_sequence_loss((self.gsm or self.model)(ids, mask), ids, mask)  # (B,)
-                with warnings.catch_warnings():  # Opacus' hooks on the first LoRA input (embeddings need no grad)
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    (per_seq.sum() if self.gsm is not None else per_seq.mean()).backward()
-                losses.append(float(per_seq.detach().mean()))
+                losses.append(self._forward_backward(idx, cfg, opt))
             opt.step()
             if self.accountant is not None:
                 self.accountant.step(noise_multiplier=self.calibrate(cfg), sample_rate=q)
@@ -258,11 +294,37 @@ class Trainer:
                 progress(step + 1)
         if self.gsm is not None:  # no per-sample state outlives the round
             for p in params:
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]
         self._save_ledger()
         self.model.eval()
         return RoundResult(cfg.local_steps, float(np.mean(losses)) if losses else math.nan, self.epsilon,
                            self.num_records, sampled, time.perf_counter() - start)
+
+    def _forward_backward(self, idx: np.ndarray, cfg: TrainingConfig, opt: torch.optim.Optimizer) -> float:
+        """Gradients of one logical batch, in physical pieces of at most max_physical_batch; its mean loss.
+
+        As Opacus' BatchMemoryManager does: each piece but the last is clipped per sample and added to
+        summed_grad by a skipped step, so the noise is drawn once, on the logical step, and scaled by
+        the expected batch as one forward would be. Without DP the pieces' gradients simply add up.
+        """
+        size = self.max_physical_batch or len(idx)
+        pieces = [idx[i:i + size] for i in range(0, len(idx), size)]
+        per_seqs = []
+        for n, piece in enumerate(pieces, 1):
+            ids, mask = self._batch(piece, cfg)
+            per_seq = per_sequence_loss((self.gsm or self.model)(ids, mask), ids, mask)  # (b,)
+            with warnings.catch_warnings():  # Opacus' hooks on the first LoRA input (embeddings need no grad)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                if self.gsm is not None:
+                    per_seq.sum().backward()
+                else:
+                    (per_seq.mean() if len(pieces) == 1 else per_seq.sum() / len(idx)).backward()
+            per_seqs.append(per_seq.detach())
+            if n < len(pieces) and isinstance(opt, DPOptimizer):
+                opt.signal_skip_step(do_skip=True)
+                opt.step()  # clip and accumulate only
+                opt.zero_grad()  # drops this piece's grad_sample, keeps summed_grad
+        return float(torch.cat(per_seqs).mean())
 
 
 @torch.no_grad()
