@@ -11,6 +11,7 @@ from dataclasses import fields
 
 from common.errors import InvalidArgument
 from common.lwe.params import LweParams, ParameterError, by_name
+from common.secagg import MemberKeys, RevealedShare, ShareKind
 from common.stages import Direction, Stage, WeightKey
 from common.training import TrainingConfig
 from common.updates import Contribution, TensorLayout, UpdateFormatError
@@ -73,3 +74,31 @@ def layout_from_proto(specs: Sequence[coordinator_pb2.TensorSpec]) -> TensorLayo
 
 def contributions(participants: Sequence[coordinator_pb2.Participant]) -> list[Contribution]:
     return [Contribution(p.worker_id, p.num_samples, p.nonce) for p in participants]
+
+
+# --------------------------------------------------------------------------------------------------
+# Secure aggregation
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_keys_to_proto(k: MemberKeys) -> coordinator_pb2.MaskKeys:
+    return coordinator_pb2.MaskKeys(worker_id=k.worker, cipher_public_key=k.cipher_public,
+                                    mask_public_key=k.mask_public, self_mask_commitment=k.self_commitment,
+                                    signature=k.signature, certificate_pem=k.certificate)
+
+
+def mask_keys_from_proto(m: coordinator_pb2.MaskKeys) -> MemberKeys:
+    if len(m.certificate_pem) > 16 << 10 or len(m.signature) > 256:
+        raise InvalidArgument("a member's certificate or signature is too large")
+    return MemberKeys(m.worker_id, m.cipher_public_key, m.mask_public_key, m.self_mask_commitment, m.signature,
+                      m.certificate_pem)
+
+
+def revealed_to_proto(r: RevealedShare) -> coordinator_pb2.RevealedShare:
+    return coordinator_pb2.RevealedShare(owner=r.owner, kind=int(r.kind), index=r.index, value=r.value)
+
+
+def revealed_from_proto(m: coordinator_pb2.RevealedShare) -> RevealedShare:
+    if m.kind not in ShareKind._value2member_map_:
+        raise InvalidArgument(f"unknown share kind {m.kind}: expected SELF_MASK or MASK_KEY")
+    return RevealedShare(m.owner, ShareKind(m.kind), m.index, m.value)

@@ -127,18 +127,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             """The life of one call: its log context, its domain errors as status codes, its last log line."""
             structlog.contextvars.bind_contextvars(method=method, peer=_peer(context),
                                                    call_id=uuid.uuid4().hex[:12])
-            start, error = time.perf_counter(), None
+            start = time.perf_counter()
+            error_: BaseException | None = None
             try:
                 yield
             except errors.FedfheError as exc:
-                error = exc
+                error_ = exc
                 await context.abort(status_for(exc), str(exc))
             except BaseException as exc:
-                error = exc
+                error_ = exc
                 raise
             finally:
                 code = context.code() if hasattr(context, "code") else None
-                log.info("call finished", code=str(code or ("ERROR" if error else "OK")),
+                log.info("call finished", code=str(code or ("ERROR" if error_ else "OK")),
                          ms=round((time.perf_counter() - start) * 1e3, 2))
                 structlog.contextvars.clear_contextvars()
 

@@ -314,8 +314,9 @@ class MemberSecrets:
         self.keys = MemberKeys(self.worker, c_pk, s_pk, cm,
                                signer.sign(keys_message(federation, round_, self.worker, c_pk, s_pk, cm)),
                                signer.certificate)
-        self.members: list[MemberKeys] = []
+        self.members: list[MemberKeys] = []  # whose pairwise masks this member adds (the final mask set)
         self.threshold = 0
+        self._index: dict[str, int] = {}  # Shamir index of each member of the keys phase
         self._held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (index, mask-key share, self-seed share)
         self._revealed: dict[str, ShareKind] = {}
 
@@ -329,6 +330,7 @@ class MemberSecrets:
         names = [m.worker for m in members]
         if self.worker not in names:
             raise KeyRefused(f"{self.worker!r} is not in the mask set {names}")
+        self._index = {name: i + 1 for i, name in enumerate(names)}
         raw = self._mask.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                        serialization.NoEncryption())
         key_shares = split(raw, threshold, len(members))
@@ -358,13 +360,20 @@ class MemberSecrets:
         if len(plain) != _SHARE_PLAIN:
             raise ShareError(f"the share from {sender!r} has {len(plain)} bytes")
         idx = struct.unpack("<H", plain[:2])[0]
-        if idx != 1 + [m.worker for m in self.members].index(self.worker):
+        if idx != self._index[self.worker]:
             raise ShareError(f"the share from {sender!r} carries index {idx}, not this member's")
         self._held[sender] = (idx, plain[2:2 + SECRET_BYTES], plain[2 + SECRET_BYTES:])
 
     @property
     def holds(self) -> set[str]:
         return set(self._held)
+
+    def restrict(self, final: Sequence[str]) -> None:
+        """The members who sent their shares are the final mask set: mask with them only."""
+        if self.worker not in final or not set(final) <= set(self._index):
+            raise KeyRefused(f"the final mask set {sorted(final)[:8]} leaves out {self.worker!r} or adds strangers")
+        self.members = [m for m in self.members if m.worker in final]
+        self._held = {owner: v for owner, v in self._held.items() if owner in final}
 
     def mask(self, words: np.ndarray) -> None:
         """Add this member's self mask and pairwise masks to its pad-encrypted payload, in place (mod 2^64)."""

@@ -26,11 +26,19 @@ class CoordinatorConfig(ServerConfig):
                                  "certificate from the federation CA)")
     key_check_value: str = opt("", help="hex check value of the consortium key (public; fedfhe-keygen prints "
                                         "it); when empty, the first registered worker's is pinned")
+    no_secagg: bool = opt(False, help="NO secure aggregation: consortium pads only, so one hospital with the "
+                                      "coordinator can read another's update (comparison runs, older workers)")
+    secagg_threshold: int = opt(0, help="Shamir threshold t of secure aggregation: t surviving hospitals remove "
+                                        "the masks dropouts leave (0: a majority of each round's mask set)")
+    secagg_phase_seconds: float = opt(60.0, help="the longest each secure-aggregation phase (keys, shares, "
+                                                 "confirmations, reveals) waits for its members")
 
     def validate(self) -> None:
         super().validate()
         if self.min_workers < 1 or self.keep_rounds < 1 or self.round_deadline <= 0:
             raise ConfigError("--min-workers and --keep-rounds must be >= 1, --round-deadline > 0")
+        if self.secagg_threshold < 0 or self.secagg_phase_seconds <= 0:
+            raise ConfigError("--secagg-threshold must be >= 0 and --secagg-phase-seconds > 0")
         try:
             bytes.fromhex(self.key_check_value)
         except ValueError:
@@ -41,7 +49,8 @@ class CoordinatorConfig(ServerConfig):
                         keep_rounds=self.keep_rounds, require_mlock=self.require_mlock,
                         max_update_bytes=self.max_update_bytes,
                         key_check_value=bytes.fromhex(self.key_check_value),
-                        enrolled=frozenset(n for n in self.enrolled.split(",") if n))
+                        enrolled=frozenset(n for n in self.enrolled.split(",") if n), secagg=not self.no_secagg,
+                        secagg_threshold=self.secagg_threshold, secagg_phase_seconds=self.secagg_phase_seconds)
 
 
 async def serve(cfg: CoordinatorConfig) -> None:

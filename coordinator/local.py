@@ -32,6 +32,7 @@ from common.certs import make_federation_pki
 from common.config import ChannelConfig
 from common.datagen.generator import generate_dataset
 from common.models import MODEL_IDS
+from common.secagg import SCHEME
 from common.training import TrainingConfig
 from common.updates import ConsortiumKey, write_key_file
 from coordinator.operator import OperatorClient
@@ -181,15 +182,21 @@ async def drive(run: Run, coord_addr: str) -> None:
             await asyncio.sleep(0.3)
         for r in range(1, args.rounds + 1):
             victims = [h for h in run.hospitals if kill.get(h.name) == str(r) and h.alive]
-            for h in victims:  # frozen before the round starts, killed once it has: a worker lost mid-round
-                assert h.proc is not None
-                os.killpg(h.proc.pid, signal.SIGSTOP)
+            if args.no_secagg:
+                for h in victims:  # frozen before the round starts, killed once it has: a worker lost mid-round
+                    assert h.proc is not None
+                    os.killpg(h.proc.pid, signal.SIGSTOP)
 
             async def on_started(started: pb.StartRoundResponse, victims: list[Hospital] = victims) -> None:
                 print(f"round {started.round}/{args.rounds} started: {', '.join(started.eligible)} training …",
                       flush=True)
+                if victims and not args.no_secagg:  # lost after joining the mask set: its masks must be recovered
+                    give_up = time.monotonic() + 60
+                    while not await uploads_phase(op, started.round) and time.monotonic() < give_up:
+                        await asyncio.sleep(0.05)
                 for h in victims:
                     assert h.proc is not None
+                    os.killpg(h.proc.pid, signal.SIGSTOP)
                     await asyncio.sleep(0.5)
                     os.killpg(h.proc.pid, signal.SIGKILL)
                     h.proc.wait()
@@ -205,10 +212,29 @@ async def drive(run: Run, coord_addr: str) -> None:
                 h.start()
             await op.wait_connected([h.name for h in victims], READY_TIMEOUT_S)
             run.rounds.append(round_record(run, started.round, closed, seconds, time.monotonic() - start))
+            run.rounds[-1]["mask_recovery"] = await mask_recovery(op, started.round)
             print_round(run.rounds[-1], args.rounds)
         if args.generate and any(r["outcome"] == "aggregated" for r in run.rounds):
             run.generation = await asyncio.to_thread(generate_both, run, coord_addr)
         await op.finish()
+
+
+async def uploads_phase(op: OperatorClient, round_: int) -> bool:
+    """Whether the round's mask set is fixed (its members may upload)."""
+    for r in (await op.status()).rounds:
+        if r.round == round_ and r.HasField("mask_recovery"):
+            return r.mask_recovery.phase not in ("keys", "shares")
+    return False
+
+
+async def mask_recovery(op: OperatorClient, round_: int) -> dict[str, Any] | None:
+    """How the round's masks were removed, as GetStatus reports it (None without secure aggregation)."""
+    for r in (await op.status()).rounds:
+        if r.round == round_ and r.HasField("mask_recovery"):
+            m = r.mask_recovery
+            return {"threshold": m.threshold, "phase": m.phase, "members": list(m.members),
+                    "survivors": list(m.survivors), "dropped": list(m.dropped), "revealed_by": list(m.revealed_by)}
+    return None
 
 
 def generate_both(run: Run, coord_addr: str) -> dict[str, str]:
@@ -323,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=8.0, help="DP budget per hospital over the whole run")
     p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: 1/(10·N) per hospital)")
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (comparison only)")
+    p.add_argument("--no-secagg", action="store_true",
+                   help="WITHOUT secure aggregation: consortium pads only (comparison only)")
+    p.add_argument("--secagg-threshold", type=int, default=0,
+                   help="Shamir threshold of secure aggregation (0: a majority of each round's mask set)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
     p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
@@ -372,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run directory: {run_dir}")
     print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
           f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
+          f"{'NO secure aggregation (comparison run)' if args.no_secagg else 'secure aggregation'}; "
           f"{f'REPLAYABLE randomness, seed {args.replay_seed} (comparison run); ' if args.replay_seed else ''}"
           f"{'full LoRA' if args.full_lora else 'FFA-LoRA'} rank {args.lora_rank} on {args.lora_targets}")
     procs: list[subprocess.Popen] = []
@@ -387,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "--federation-id", f"local-{run_dir.name}"[:64], "--enrolled", ",".join(names),
                                     "--round-deadline", str(args.round_deadline),
                                     "--key-check-value", key.check_value().hex(),
+                                    "--secagg-threshold", str(args.secagg_threshold),
+                                    *(["--no-secagg"] if args.no_secagg else []),
                                     "--stats-seconds", str(args.stats_seconds))
         procs.append(coord)
         coord_addr = wait_for_address(coord, coord_log)
@@ -450,6 +483,12 @@ def make_report(run: Run, seconds: float) -> dict[str, Any]:
                      "replay_seed": args.replay_seed or None,
                      "max_grad_norm": args.max_grad_norm, "records_largest_hospital": args.records,
                      "training": {**run.config.__dict__, "lora_targets": list(run.config.lora_targets)}},
+        "secure_aggregation": None if args.no_secagg else {
+            "scheme": SCHEME,
+            "threshold": args.secagg_threshold or max((r["mask_recovery"] or {}).get("threshold", 0)
+                                                      for r in run.rounds),
+            "threshold_rule": "fixed (--secagg-threshold)" if args.secagg_threshold else "majority of each round's "
+                                                                                        "mask set"},
         "baseline_eval_loss": mean_eval(run.hospitals, 0),
         "final_eval_loss": aggregated[-1]["eval_loss"] if aggregated else None,
         "rounds": run.rounds,

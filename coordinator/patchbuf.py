@@ -16,6 +16,7 @@ import mmap
 import os
 import resource
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import structlog
@@ -87,6 +88,14 @@ class PatchBuffer:
             add_payload(view, other)
         finally:
             del view, other
+
+    def transform(self, fn: Callable[[np.ndarray], None]) -> None:
+        """fn(words) changes the content in place, through a uint64 view that does not outlive the call."""
+        view = np.frombuffer(self._live(), dtype=np.uint64)
+        try:
+            fn(view)
+        finally:
+            del view
 
     def read(self, start: int = 0, end: int | None = None) -> bytes:
         return self._live()[start:end]

@@ -13,15 +13,28 @@ import structlog
 
 from common.chunks import CHUNK_BYTES, read_split
 from common.errors import InvalidArgument, PermissionDenied
-from common.messages import config_from_proto, config_to_proto, layout_to_proto
+from common.messages import (
+    config_from_proto,
+    config_to_proto,
+    layout_to_proto,
+    mask_keys_from_proto,
+    mask_keys_to_proto,
+    revealed_from_proto,
+)
+from common.secagg import SCHEME
 from common.tls import peer_identity
 from coordinator.state import (
     Event,
     Federation,
     FinishedEvent,
+    MaskKeysEvent,
+    MaskSharesEvent,
     ParticipantInfo,
+    Round,
     RoundClosedEvent,
     RoundStartedEvent,
+    SurvivorsConfirmedEvent,
+    UnmaskEvent,
     UpdateClaim,
     Upload,
     check_worker_name,
@@ -37,10 +50,25 @@ def participant_to_proto(p: ParticipantInfo) -> coordinator_pb2.Participant:
 
 
 def event_to_proto(ev: Event) -> coordinator_pb2.WatchRoundsResponse:
+    pb = coordinator_pb2
     if isinstance(ev, RoundStartedEvent):
-        return coordinator_pb2.WatchRoundsResponse(started=coordinator_pb2.RoundStarted(
+        secagg = pb.SecureAggregation(enabled=True, threshold=ev.secagg_threshold, scheme=SCHEME) if ev.secagg else None
+        return pb.WatchRoundsResponse(started=pb.RoundStarted(
             round=ev.round, config=config_to_proto(ev.config), deadline_unix_ms=ev.deadline_unix_ms,
-            base_round=ev.base_round))
+            base_round=ev.base_round, secure_aggregation=secagg))
+    if isinstance(ev, MaskKeysEvent):
+        return pb.WatchRoundsResponse(mask_keys=pb.MaskKeysReady(
+            round=ev.round, threshold=ev.threshold, members=[mask_keys_to_proto(k) for k in ev.members]))
+    if isinstance(ev, MaskSharesEvent):
+        return pb.WatchRoundsResponse(mask_shares=pb.MaskSharesReady(
+            round=ev.round, members=list(ev.members),
+            shares=[pb.EncryptedShare(worker_id=s, ciphertext=ct) for s, ct in ev.shares]))
+    if isinstance(ev, UnmaskEvent):
+        return pb.WatchRoundsResponse(unmask=pb.UnmaskRequested(round=ev.round, survivors=list(ev.survivors)))
+    if isinstance(ev, SurvivorsConfirmedEvent):
+        return pb.WatchRoundsResponse(survivors_confirmed=pb.SurvivorsConfirmed(
+            round=ev.round, survivors=list(ev.survivors),
+            signatures=[pb.SurvivorSignature(worker_id=w, signature=sig) for w, sig in ev.signatures]))
     if isinstance(ev, RoundClosedEvent):
         outcome = (coordinator_pb2.ROUND_OUTCOME_AGGREGATED if ev.aggregated
                    else coordinator_pb2.ROUND_OUTCOME_FAILED)
@@ -54,7 +82,15 @@ def event_to_proto(ev: Event) -> coordinator_pb2.WatchRoundsResponse:
 def update_claim(h: coordinator_pb2.UpdateHeader) -> UpdateClaim:
     return UpdateClaim(round=h.round, num_samples=h.num_samples, epsilon=h.epsilon_spent, no_dp=h.no_dp,
                        specs=[(s.name, tuple(s.shape)) for s in h.tensors], size_bytes=h.size_bytes,
-                       key_check_value=h.key_check_value, nonce=h.nonce, digest=h.digest)
+                       key_check_value=h.key_check_value, nonce=h.nonce, digest=h.digest, masked=h.masked)
+
+
+def mask_recovery(rnd: Round) -> coordinator_pb2.MaskRecovery | None:
+    m = rnd.mask
+    if m is None:
+        return None
+    return coordinator_pb2.MaskRecovery(threshold=m.threshold, phase=m.phase.value, members=m.members,
+                                        survivors=m.survivors, dropped=m.dropped, revealed_by=sorted(m.reveals))
 
 
 def restore_claim(h: coordinator_pb2.RestoreHeader) -> UpdateClaim:
@@ -172,6 +208,33 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._caller(context, "", "operator")
         return coordinator_pb2.FinishFederationResponse(last_round=self.federation.finish())
 
+    async def AdvertiseMaskKeys(self, request: coordinator_pb2.AdvertiseMaskKeysRequest,
+                                context: grpc.aio.ServicerContext) -> coordinator_pb2.AdvertiseMaskKeysResponse:
+        name, _ = self._caller(context, request.keys.worker_id, "worker")
+        self.federation.advertise_keys(name, request.round, mask_keys_from_proto(request.keys))
+        return coordinator_pb2.AdvertiseMaskKeysResponse(round=request.round)
+
+    async def ShareMaskSecrets(self, request: coordinator_pb2.ShareMaskSecretsRequest,
+                               context: grpc.aio.ServicerContext) -> coordinator_pb2.ShareMaskSecretsResponse:
+        name, _ = self._caller(context, request.worker_id, "worker")
+        shares = {s.worker_id: s.ciphertext for s in request.shares}
+        if len(shares) != len(request.shares):
+            raise InvalidArgument("two shares for the same member")
+        self.federation.share_secrets(name, request.round, shares)
+        return coordinator_pb2.ShareMaskSecretsResponse(round=request.round)
+
+    async def ConfirmSurvivors(self, request: coordinator_pb2.ConfirmSurvivorsRequest,
+                               context: grpc.aio.ServicerContext) -> coordinator_pb2.ConfirmSurvivorsResponse:
+        name, _ = self._caller(context, request.worker_id, "worker")
+        self.federation.confirm_survivors(name, request.round, request.signature)
+        return coordinator_pb2.ConfirmSurvivorsResponse(round=request.round)
+
+    async def RevealMaskShares(self, request: coordinator_pb2.RevealMaskSharesRequest,
+                               context: grpc.aio.ServicerContext) -> coordinator_pb2.RevealMaskSharesResponse:
+        name, _ = self._caller(context, request.worker_id, "worker")
+        self.federation.reveal_shares(name, request.round, [revealed_from_proto(s) for s in request.shares])
+        return coordinator_pb2.RevealMaskSharesResponse(round=request.round)
+
     async def GetStatus(self, request: coordinator_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.GetStatusResponse:
         self._caller(context, "", "worker", "operator")
@@ -186,6 +249,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 round=r.number, state=r.state.value,
                 participants=[participant_to_proto(p) for p in r.submissions.values()],
                 buffer_bytes=fed.buffer_bytes(r), eligible=list(r.eligible), reason=r.reason, seconds=r.seconds,
-                bytes_received=r.bytes_received) for r in sorted(fed.rounds.values(), key=lambda r: r.number)],
+                bytes_received=r.bytes_received, mask_recovery=mask_recovery(r))
+                for r in sorted(fed.rounds.values(), key=lambda r: r.number)],
             buffer_bytes_total=fed.store.total_bytes, min_workers=fed.settings.min_workers,
-            keep_rounds=fed.store.keep, buffers_locked=fed.buffers_locked, finished=fed.finished)
+            keep_rounds=fed.store.keep, buffers_locked=fed.buffers_locked, finished=fed.finished,
+            secure_aggregation=coordinator_pb2.SecureAggregation(
+                enabled=fed.settings.secagg, threshold=fed.settings.secagg_threshold,
+                scheme=SCHEME if fed.settings.secagg else "consortium pads only (--no-secagg)"))

@@ -13,6 +13,15 @@ The round policy:
   coordinator never holds them apart); the aggregates of the last
   `keep_rounds` rounds are kept in the PatchStore, their only owner.
 
+With secure aggregation (the default; coordinator.masking, common.secagg) a
+round first fixes its mask set: the eligible workers send signed keys, then
+encrypted shares, each phase closing when every connected worker answered or
+after `secagg_phase_seconds`; only the members may upload, and only masked
+updates. When the uploads close, the survivors confirm the survivor set and
+reveal shares (two more phases, state "unmasking"); with at least the threshold
+of them the masks are removed and the round is aggregated, otherwise it fails
+and nothing is kept.
+
 An upload (an update or a restore) is an `Upload` from its header to its
 addition: `begin_update`/`begin_restore` check the header and reserve the
 worker's slot, the upload streams into its own locked scratch buffer, and
@@ -38,8 +47,10 @@ import structlog
 
 from common.chunks import Assembler, ChunkLike
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from common.secagg import MemberKeys, RevealedShare, SecAggError
 from common.training import TrainingConfig
 from common.updates import MAX_PARTICIPANTS, NONCE_BYTES, TensorLayout, UpdateFormatError
+from coordinator.masking import MaskPhase, MaskRound
 from coordinator.patchbuf import PatchBuffer, PatchStore
 
 log = structlog.get_logger("fedfhe.coordinator")
@@ -55,6 +66,9 @@ class Settings:
     max_update_bytes: int = 1 << 30
     key_check_value: bytes = b""  # pinned up front; otherwise the first worker's is pinned
     enrolled: frozenset[str] = frozenset()  # worker names allowed in; empty: any worker certificate of the CA
+    secagg: bool = True  # pairwise masks over the pads (False: pads only, for comparison runs and old workers)
+    secagg_threshold: int = 0  # Shamir threshold; 0: a majority of each round's mask set
+    secagg_phase_seconds: float = 60.0  # the longest each secure-aggregation phase waits for its members
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +91,8 @@ class RoundStartedEvent:
     config: TrainingConfig  # the operator's, passed through (the coordinator never trains)
     deadline_unix_ms: int
     base_round: int
+    secagg: bool = False
+    secagg_threshold: int = 0  # the setting; the round's own is fixed with its mask set
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,35 @@ class FinishedEvent:
     last_round: int
 
 
-Event = RoundStartedEvent | RoundClosedEvent | FinishedEvent
+@dataclass(frozen=True)
+class MaskKeysEvent:
+    round: int
+    threshold: int
+    members: tuple[MemberKeys, ...]
+
+
+@dataclass(frozen=True)
+class MaskSharesEvent:
+    round: int
+    members: tuple[str, ...]
+    shares: tuple[tuple[str, bytes], ...]  # (sender, ciphertext), addressed to the watcher
+
+
+@dataclass(frozen=True)
+class UnmaskEvent:
+    round: int
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SurvivorsConfirmedEvent:
+    round: int
+    survivors: tuple[str, ...]
+    signatures: tuple[tuple[str, bytes], ...]
+
+
+Event = (RoundStartedEvent | RoundClosedEvent | FinishedEvent | MaskKeysEvent | MaskSharesEvent | UnmaskEvent
+         | SurvivorsConfirmedEvent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +174,7 @@ class Worker:
 
 class RoundState(StrEnum):  # the values GetStatus reports
     OPEN = "open"
+    UNMASKING = "unmasking"  # uploads closed; survivors confirm and reveal shares (secure aggregation)
     AGGREGATED = "aggregated"
     FAILED = "failed"
     EVICTED = "evicted"  # aggregated, then dropped from the store (the last `keep_rounds` are kept)
@@ -156,13 +201,16 @@ class Round:
     restored: bool = False
     digest: bytes = b""  # SHA-256 of the stored aggregate, fixed when the round closes
     timer: asyncio.TimerHandle | None = None
+    mask: MaskRound | None = None  # secure aggregation (None: pads only)
+    mask_timer: asyncio.TimerHandle | None = None  # bounds the current secure-aggregation phase
 
     @property
     def total_samples(self) -> int:
         return sum(p.num_samples for p in self.submissions.values())
 
-    def started_event(self) -> RoundStartedEvent:
-        return RoundStartedEvent(self.number, self.config, self.deadline_unix_ms, self.base_round)
+    def started_event(self, secagg_threshold: int = 0) -> RoundStartedEvent:
+        return RoundStartedEvent(self.number, self.config, self.deadline_unix_ms, self.base_round,
+                                 self.mask is not None, secagg_threshold)
 
     def closed_event(self) -> RoundClosedEvent:
         return RoundClosedEvent(self.number, tuple(self.submissions.values()), self.total_samples,
@@ -198,6 +246,7 @@ class UpdateClaim:
     nonce: bytes
     digest: bytes = b""  # SHA-256 of the payload
     config: TrainingConfig | None = None  # a restore's: how to rebuild the adapter
+    masked: bool = False  # an update carrying secure-aggregation masks
 
 
 class UploadKind(StrEnum):
@@ -302,7 +351,7 @@ class Federation:
         rnd = self.open_round
         if rnd is not None and name in rnd.eligible and name not in rnd.submissions and name not in rnd.declined:
             rnd.pending.add(name)  # reconnected within its round: it may still submit
-            queue.put_nowait(rnd.started_event())
+            queue.put_nowait(rnd.started_event(self.settings.secagg_threshold))
         log.info("worker connected", worker=name)
         return queue
 
@@ -315,7 +364,7 @@ class Federation:
         rnd = self.open_round
         if rnd is not None and not worker.connected and name in rnd.pending:
             rnd.pending.discard(name)  # vanished: the round no longer waits for it
-            self._maybe_close(rnd)
+            self._advance(rnd)
 
     # ---- observers (operators) --------------------------------------------------------------------
 
@@ -342,6 +391,12 @@ class Federation:
         for q in self._observers:
             q.put_nowait(event)
 
+    def _send(self, worker: str, event: Event) -> None:
+        """An event for one worker's eyes only (its own shares)."""
+        w = self.workers.get(worker)
+        for q in w.watchers if w is not None else []:
+            q.put_nowait(event)
+
     # ---- rounds -----------------------------------------------------------------------------------
 
     @property
@@ -350,12 +405,20 @@ class Federation:
 
     @property
     def last_round(self) -> int:
-        return max((r.number for r in self.rounds.values() if r.state != RoundState.OPEN), default=0)
+        """The newest round that has closed (aggregated, failed or evicted)."""
+        return max((r.number for r in self.rounds.values() if r.state not in (RoundState.OPEN, RoundState.UNMASKING)),
+                   default=0)
 
     @property
     def open_round(self) -> Round | None:
         rnd = self.rounds.get(self.current_round)
         return rnd if rnd is not None and rnd.state == RoundState.OPEN else None
+
+    @property
+    def unfinished_round(self) -> Round | None:
+        """The newest round if it has not closed yet (open, or removing its masks)."""
+        rnd = self.rounds.get(self.current_round)
+        return rnd if rnd is not None and rnd.state in (RoundState.OPEN, RoundState.UNMASKING) else None
 
     def _live_buffers(self) -> list[PatchBuffer]:
         return [*self.store.buffers(), *(r.accumulator for r in self.rounds.values() if r.accumulator is not None)]
@@ -382,8 +445,8 @@ class Federation:
     def start_round(self, config: TrainingConfig, deadline_seconds: float = 0.0) -> Round:
         if self.finished:
             raise FailedPrecondition("the federation is finished")
-        if self.open_round is not None:
-            raise FailedPrecondition(f"round {self.current_round} is still open")
+        if self.unfinished_round is not None:
+            raise FailedPrecondition(f"round {self.current_round} is still {self.unfinished_round.state}")
         if deadline_seconds < 0 or not math.isfinite(deadline_seconds) or deadline_seconds > 7 * 86400:
             raise InvalidArgument(f"deadline of {deadline_seconds} s is not in (0, 7 days]")
         seconds = deadline_seconds or self.settings.deadline_seconds
@@ -398,8 +461,12 @@ class Federation:
                     self.latest_patch_round, pending=set(connected))
         self.rounds[number] = rnd
         rnd.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, number)
-        log.info("round started", round=number, eligible=connected, deadline_seconds=seconds)
-        self._broadcast(rnd.started_event(), to=connected)
+        if self.settings.secagg:
+            rnd.mask = MaskRound(self.federation_id, number, self.settings.secagg_threshold)
+            self._phase_timer(rnd)
+        log.info("round started", round=number, eligible=connected, deadline_seconds=seconds,
+                 secagg=self.settings.secagg)
+        self._broadcast(rnd.started_event(self.settings.secagg_threshold), to=connected)
         return rnd
 
     def _open(self, round_: int, worker: str) -> Round:
@@ -446,6 +513,11 @@ class Federation:
                                   f"({len(layout.specs)} vs {len(rnd.layout.specs)} tensors)")
         if len(rnd.submissions) + len(rnd.receiving) >= MAX_PARTICIPANTS:
             raise ResourceExhausted(f"round {rnd.number} has its maximum of {MAX_PARTICIPANTS} participants")
+        if rnd.mask is not None:
+            rnd.mask.check_upload(worker, claim.masked)
+        elif claim.masked:
+            raise FailedPrecondition(f"round {rnd.number} does not use secure aggregation: send the update "
+                                     "without masks")
         upload = Upload(self, UploadKind.UPDATE, worker, claim, layout)
         rnd.receiving.add(worker)
         return upload
@@ -500,10 +572,11 @@ class Federation:
         rnd.pending.discard(worker)
         self.workers[worker].declined = f"round {round_}: {reason}"
         log.info("round declined", round=round_, worker=worker, reason=reason)
-        self._maybe_close(rnd)
+        self._advance(rnd)
 
     def _maybe_close(self, rnd: Round) -> None:
-        if rnd.state == RoundState.OPEN and not rnd.pending and not rnd.receiving:
+        setup = rnd.mask is not None and rnd.mask.phase in (MaskPhase.KEYS, MaskPhase.SHARES)
+        if rnd.state == RoundState.OPEN and not rnd.pending and not rnd.receiving and not setup:
             self._close(rnd, deadline=False)
 
     def _deadline(self, round_: int) -> None:
@@ -512,32 +585,148 @@ class Federation:
             self._close(rnd, deadline=True)
 
     def _close(self, rnd: Round, *, deadline: bool) -> None:
+        """The uploads are over: aggregate, start removing the masks, or fail."""
         if rnd.timer is not None:
             rnd.timer.cancel()
-        rnd.seconds = time.monotonic() - rnd.started
         n = len(rnd.submissions)
         how = "at the deadline" if deadline else "all connected eligible workers answered"
+        rnd.receiving.clear()
+        if n < self.settings.min_workers or rnd.accumulator is None:
+            self._finalize(rnd, False, f"{n} update(s) {how}; at least {self.settings.min_workers} needed "
+                                       "(--min-workers)")
+        elif rnd.mask is None:
+            self._finalize(rnd, True, f"{n} update(s), closed {how}")
+        elif rnd.mask.phase != MaskPhase.UPLOADS:
+            self._finalize(rnd, False, f"secure aggregation setup did not complete ({rnd.mask.phase.value} phase)")
+        else:
+            try:
+                rnd.mask.start_recovery(sorted(rnd.submissions))
+            except FailedPrecondition as exc:
+                self._finalize(rnd, False, f"{n} update(s) {how}; {exc}")
+                return
+            rnd.state, rnd.reason = RoundState.UNMASKING, f"{n} update(s) {how}; removing the masks"
+            log.info("unmasking", round=rnd.number, survivors=rnd.mask.survivors, dropped=rnd.mask.dropped)
+            for k in rnd.mask.survivors:
+                self._send(k, UnmaskEvent(rnd.number, tuple(rnd.mask.survivors)))
+            self._phase_timer(rnd)
+
+    def _finalize(self, rnd: Round, aggregated: bool, reason: str) -> None:
+        """The round is over: keep its aggregate (aggregated) or zero its buffer (failed), and say so."""
+        for timer in (rnd.timer, rnd.mask_timer):
+            if timer is not None:
+                timer.cancel()
+        rnd.seconds = time.monotonic() - rnd.started
         buf, rnd.accumulator = rnd.accumulator, None
-        if n >= self.settings.min_workers and buf is not None:
-            rnd.state, rnd.reason = RoundState.AGGREGATED, f"{n} update(s), closed {how}"
+        rnd.receiving.clear()
+        rnd.reason = reason
+        if aggregated and buf is not None:
+            rnd.state = RoundState.AGGREGATED
             rnd.digest = buf.digest()
             for old in self.store.put(rnd.number, buf):
                 self.rounds[old].state = RoundState.EVICTED
         else:
             rnd.state = RoundState.FAILED
-            rnd.reason = f"{n} update(s) {how}; at least {self.settings.min_workers} needed (--min-workers)"
             if buf is not None:
                 buf.close()
-        rnd.receiving.clear()
         log.info("round closed", round=rnd.number, state=rnd.state, reason=rnd.reason,
                  participants=sorted(rnd.submissions), seconds=round(rnd.seconds, 2))
         self._broadcast(rnd.closed_event())
 
+    # ---- secure aggregation -----------------------------------------------------------------------
+
+    def _masked_round(self, round_: int, worker: str) -> tuple[Round, MaskRound]:
+        self.worker(worker)
+        rnd = self.rounds.get(round_)
+        if rnd is None or rnd.mask is None:
+            raise FailedPrecondition(f"round {round_} does not use secure aggregation (or has not started)")
+        if rnd.state not in (RoundState.OPEN, RoundState.UNMASKING):
+            raise FailedPrecondition(f"round {round_} is closed ({rnd.state})")
+        return rnd, rnd.mask
+
+    def advertise_keys(self, worker: str, round_: int, keys: MemberKeys) -> None:
+        rnd, mask = self._masked_round(round_, worker)
+        self._open(round_, worker)  # eligible, neither submitted nor declined
+        mask.advertise(worker, keys)
+        self._advance(rnd)
+
+    def share_secrets(self, worker: str, round_: int, shares: dict[str, bytes]) -> None:
+        rnd, mask = self._masked_round(round_, worker)
+        mask.share(worker, shares)
+        self._advance(rnd)
+
+    def confirm_survivors(self, worker: str, round_: int, signature: bytes) -> None:
+        rnd, mask = self._masked_round(round_, worker)
+        mask.confirm(worker, signature)
+        self._advance(rnd)
+
+    def reveal_shares(self, worker: str, round_: int, shares: Sequence[RevealedShare]) -> None:
+        rnd, mask = self._masked_round(round_, worker)
+        mask.reveal(worker, shares)
+        self._advance(rnd)
+
+    def _phase_timer(self, rnd: Round) -> None:
+        if rnd.mask_timer is not None:
+            rnd.mask_timer.cancel()
+        rnd.mask_timer = asyncio.get_running_loop().call_later(self.settings.secagg_phase_seconds,
+                                                               self._advance, rnd, True)
+
+    def _advance(self, rnd: Round, timeout: bool = False) -> None:
+        """Move a round on as far as its members' answers allow (or, at a phase's timeout, without the rest)."""
+        mask = rnd.mask
+        if mask is None or mask.phase == MaskPhase.UPLOADS:
+            if rnd.state == RoundState.OPEN:
+                self._maybe_close(rnd)
+            return
+        if rnd.state not in (RoundState.OPEN, RoundState.UNMASKING):
+            return
+        try:
+            if mask.phase == MaskPhase.KEYS and (timeout or rnd.pending <= set(mask.keys)):
+                threshold, keys = mask.fix_keys()
+                rnd.pending &= set(mask.keys)  # who sent no keys cannot upload: not waited for
+                for k in keys:
+                    self._send(k.worker, MaskKeysEvent(rnd.number, threshold, tuple(keys)))
+                self._phase_timer(rnd)
+                timeout = False
+            if mask.phase == MaskPhase.SHARES and (timeout or not mask.waiting_for & rnd.pending):
+                members = mask.fix_shares()
+                rnd.pending &= set(members)
+                for m in members:
+                    self._send(m, MaskSharesEvent(rnd.number, tuple(members), tuple(mask.inbox(m).items())))
+                if rnd.mask_timer is not None:
+                    rnd.mask_timer.cancel()
+                self._maybe_close(rnd)  # everyone may have declined meanwhile
+                return
+            connected = {w for w, info in self.workers.items() if info.connected}
+            if mask.phase == MaskPhase.CONFIRM and (timeout or not mask.waiting_for & connected):
+                signatures = mask.fix_confirmations()
+                for name in signatures:
+                    self._send(name, SurvivorsConfirmedEvent(rnd.number, tuple(mask.survivors),
+                                                          tuple(signatures.items())))
+                self._phase_timer(rnd)
+                timeout = False
+            if mask.phase == MaskPhase.REVEAL and (timeout or not mask.waiting_for & connected):
+                self._unmask(rnd, mask)
+        except (FailedPrecondition, SecAggError) as exc:
+            if rnd.state == RoundState.OPEN and rnd.timer is not None:
+                rnd.timer.cancel()
+            self._finalize(rnd, False, f"secure aggregation: {exc}")
+
+    def _unmask(self, rnd: Round, mask: MaskRound) -> None:
+        assert rnd.accumulator is not None
+        rnd.accumulator.transform(mask.remove_masks)  # RecoveryError: too few or inconsistent shares
+        dropped = f"; masks of {', '.join(mask.dropped)} recovered from shares" if mask.dropped else ""
+        self._finalize(rnd, True, f"{len(mask.survivors)} update(s), unmasked with {len(mask.reveals)} of "
+                                  f"{len(mask.survivors)} survivors' shares (threshold {mask.threshold}){dropped}")
+
     def finish(self) -> int:
-        """End the federation: close an open round first, then tell every watcher."""
-        rnd = self.open_round
-        if rnd is not None:
+        """End the federation: close an unfinished round first (failing one still removing masks)."""
+        rnd = self.unfinished_round
+        if rnd is not None and rnd.state == RoundState.UNMASKING:
+            self._finalize(rnd, False, "the federation finished before the masks were removed")
+        elif rnd is not None:
             self._close(rnd, deadline=True)
+            if rnd.state == RoundState.UNMASKING:
+                self._finalize(rnd, False, "the federation finished before the masks were removed")
         self.finished = True
         self._broadcast(FinishedEvent(self.last_round))
         log.info("federation finished", last_round=self.last_round)
@@ -611,8 +800,9 @@ class Federation:
 
     def close(self) -> None:
         for rnd in self.rounds.values():
-            if rnd.timer is not None:
-                rnd.timer.cancel()
+            for timer in (rnd.timer, rnd.mask_timer):
+                if timer is not None:
+                    timer.cancel()
             if rnd.accumulator is not None:
                 rnd.accumulator.close()
         self.store.close()

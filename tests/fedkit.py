@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from common.certs import make_federation_pki
 from common.config import ChannelConfig, ServerConfig
 from common.datagen.generator import generate_dataset
 from common.models import load_model
@@ -75,8 +76,10 @@ class RecordingWorker(FederatedWorker):
 
 
 def join_config(name: str, data: Path, key_file: Path, coordinator: str, node: str, *, mode: str = "local",
-                **overrides) -> JoinConfig:
-    cfg = JoinConfig(insecure=True, identity=name, coordinator=coordinator, fhe=node, mode=mode, model="tiny",
+                tls_dir: Path | None = None, **overrides) -> JoinConfig:
+    """A worker on insecure loopback channels; tls_dir holds its certificate, which signs its mask keys."""
+    cfg = JoinConfig(insecure=True, tls_dir=tls_dir, identity=name, coordinator=coordinator, fhe=node, mode=mode,
+                     model="tiny",
                      data=data / name / "train.jsonl", eval_data=data / name / "eval.jsonl", eval_records=4,
                      consortium_key=key_file, metrics_file=data / f"{name}.metrics.jsonl", reconnect_seconds=20,
                      privacy_ledger=data / f"{name}.privacy.json")
@@ -145,11 +148,12 @@ async def federation(tmp_path: Path, names: Sequence[str], settings: Settings, *
                      overrides: dict[str, dict] | None = None) -> AsyncIterator[LocalFederation]:
     """Data, consortium key, coordinator and one worker task per name (local mode unless `modes` says)."""
     data = make_data(tmp_path / "data", hospitals=len(names))
+    make_federation_pki(tmp_path / "pki", list(names), ["localhost"])  # the workers sign their mask keys
     key = ConsortiumKey.generate()
     key_file = tmp_path / "consortium.key"
     write_key_file(key_file, key)
     coord, fed = await start_coordinator(settings)
-    workers = {n: make_worker(join_config(n, data, key_file, coord.address, node,
+    workers = {n: make_worker(join_config(n, data, key_file, coord.address, node, tls_dir=tmp_path / "pki",
                                           mode=(modes or {}).get(n, "local"), **(overrides or {}).get(n, {})),
                               key, cls=(classes or {}).get(n, RecordingWorker)) for n in names}
     fx = LocalFederation(data, key, key_file, coord, fed, workers,

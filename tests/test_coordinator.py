@@ -63,7 +63,7 @@ async def code_of(coro) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 async def federation():
-    running, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=30, keep_rounds=2))
+    running, fed = await start_coordinator(Settings(min_workers=2, deadline_seconds=30, keep_rounds=2, secagg=False))
     op = Operator(running.address)
     workers: list[FakeWorker] = []
 
@@ -220,7 +220,7 @@ async def test_refusals_name_the_problem(federation) -> None:
 
 
 async def test_roles_come_from_certificates(tls_dir: Path) -> None:
-    running, fed = await start_coordinator(Settings(min_workers=1, enrolled=frozenset({"hospital-2"})),
+    running, fed = await start_coordinator(Settings(min_workers=1, enrolled=frozenset({"hospital-2"}), secagg=False),
                                            tls_dir=tls_dir)
     target = f"localhost:{running.port}"
     try:

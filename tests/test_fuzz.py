@@ -994,7 +994,7 @@ async def coordinators():
 
     async def start(min_workers: int = 2) -> Coordinator:
         running, fed = await start_coordinator(Settings(min_workers=min_workers, deadline_seconds=600,
-                                                        keep_rounds=2, max_update_bytes=MAX_UPDATE))
+                                                        keep_rounds=2, max_update_bytes=MAX_UPDATE, secagg=False))
         started.append((running, Coordinator(running.address, fed)))
         return started[-1][1]
     try:
@@ -1227,7 +1227,7 @@ def wrong_role(draw: st.DrawFn) -> Case:
 
 
 async def test_roles_from_certificates_survive_hostile_callers(tls_dir) -> None:  # type: ignore[no-untyped-def]
-    running, fed = await start_coordinator(Settings(min_workers=1, enrolled=frozenset({"hospital-1"})),
+    running, fed = await start_coordinator(Settings(min_workers=1, enrolled=frozenset({"hospital-1"}), secagg=False),
                                            tls_dir=tls_dir)
     target = f"localhost:{running.port}"
     channels = {who: make_channel(target, ChannelConfig(tls_dir=tls_dir, identity=identity))

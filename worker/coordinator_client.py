@@ -17,7 +17,9 @@ import structlog
 from common.chunks import Assembler, chunk_messages
 from common.config import ChannelConfig
 from common.errors import FailedPrecondition
+from common.messages import mask_keys_to_proto, revealed_to_proto
 from common.rpc import Backoff, RpcClient, make_channel, retryable
+from common.secagg import MemberKeys, RevealedShare
 from fedfhe.v1 import coordinator_pb2 as pb
 from fedfhe.v1 import coordinator_pb2_grpc
 
@@ -87,6 +89,25 @@ class CoordinatorClient(RpcClient):
     async def decline(self, worker_id: str, round_: int, reason: str) -> pb.DeclineRoundResponse:
         return await self.stub.DeclineRound(pb.DeclineRoundRequest(round=round_, reason=reason,
                                                                     worker_id=worker_id))
+
+    async def advertise_keys(self, round_: int, keys: MemberKeys) -> pb.AdvertiseMaskKeysResponse:
+        return await self.stub.AdvertiseMaskKeys(pb.AdvertiseMaskKeysRequest(round=round_,
+                                                                             keys=mask_keys_to_proto(keys)))
+
+    async def share_secrets(self, round_: int, worker_id: str, shares: dict[str, bytes]
+                            ) -> pb.ShareMaskSecretsResponse:
+        return await self.stub.ShareMaskSecrets(pb.ShareMaskSecretsRequest(
+            round=round_, worker_id=worker_id,
+            shares=[pb.EncryptedShare(worker_id=to, ciphertext=ct) for to, ct in sorted(shares.items())]))
+
+    async def confirm_survivors(self, round_: int, worker_id: str, signature: bytes) -> pb.ConfirmSurvivorsResponse:
+        return await self.stub.ConfirmSurvivors(pb.ConfirmSurvivorsRequest(round=round_, worker_id=worker_id,
+                                                                           signature=signature))
+
+    async def reveal_shares(self, round_: int, worker_id: str, shares: list[RevealedShare]
+                            ) -> pb.RevealMaskSharesResponse:
+        return await self.stub.RevealMaskShares(pb.RevealMaskSharesRequest(
+            round=round_, worker_id=worker_id, shares=[revealed_to_proto(r) for r in shares]))
 
     async def get_status(self) -> pb.GetStatusResponse:
         return await self.stub.GetStatus(pb.GetStatusRequest())

@@ -15,6 +15,7 @@ from the same round.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import grpc
 import numpy as np
 import structlog
 import torch
+from cryptography import x509
 
 from common.errors import FailedPrecondition, FedfheError, NodeMisbehaved
 from common.lwe.params import by_name
@@ -36,9 +38,11 @@ from common.messages import (
     contributions,
     layout_from_proto,
     layout_to_proto,
+    mask_keys_from_proto,
 )
 from common.progress import progress_bar
 from common.rpc import Backoff
+from common.secagg import MemberSecrets, RecoveryError, SecAggError, Signer, check_members, load_anchor
 from common.training import TrainingConfig
 from common.updates import (
     RESTORE,
@@ -130,6 +134,10 @@ class FederatedWorker:
         # Reconnect to a coordinator that went away while it was heard from within reconnect_seconds.
         self.backoff = Backoff(cfg.reconnect_seconds, first=0.5)
         self.node_failures = 0  # FHE answers that failed verification (each ends that node's session)
+        self._round_task: asyncio.Task[None] | None = None
+        self._mask_inbox: asyncio.Queue[coordinator_pb2.WatchRoundsResponse | None] = asyncio.Queue()
+        self._secrets: dict[int, MemberSecrets] = {}  # secure aggregation: this worker's, per round
+        self._identity: tuple[Signer, x509.Certificate] | None = None
         self._rotation: asyncio.Task[None] | None = None  # a new FHE seed being set up between rounds
 
     # ---- metrics ----------------------------------------------------------------------------------
@@ -275,13 +283,102 @@ class FederatedWorker:
         if not cfg.ffa:
             tensors.update(sketches(self.runtime, cfg.lora_seed))
         enc = encrypt_update(self.key, self.federation_id, round_, self.worker_id, tensors, result.num_samples)
+        payload, secrets = enc.payload, self._secrets.get(round_)
+        if secrets is not None:  # secure aggregation: self and pairwise masks over the pads
+            words = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+            secrets.mask(words)
+            payload = words.astype("<u8").tobytes()
         header = coordinator_pb2.UpdateHeader(
             round=round_, num_samples=result.num_samples, epsilon_spent=result.epsilon,
-            tensors=layout_to_proto(enc.layout), size_bytes=len(enc.payload), digest=enc.digest,
+            tensors=layout_to_proto(enc.layout), size_bytes=len(payload), digest=hashlib.sha256(payload).digest(),
             worker_id=self.worker_id, key_check_value=self.key.check_value(), no_dp=not self.dp.enabled,
-            nonce=enc.nonce)
-        await client.submit_update(header, enc.payload)
-        return len(enc.payload)
+            nonce=enc.nonce, masked=secrets is not None)
+        await client.submit_update(header, payload)
+        return len(payload)
+
+    # ---- secure aggregation ---------------------------------------------------------------------
+
+    def _mask_identity(self) -> tuple[Signer, x509.Certificate]:
+        """This worker's federation certificate (it signs its mask keys) and the CA (it checks its peers')."""
+        if self._identity is None:
+            if self.cfg.tls_dir is None or not self.cfg.identity:
+                raise FailedPrecondition("secure aggregation signs with this worker's federation certificate: "
+                                         "give --tls-dir and --identity")
+            self._identity = (Signer.load(self.cfg.tls_dir, self.cfg.identity), load_anchor(self.cfg.tls_dir))
+        return self._identity
+
+    async def _mask_event(self, kind: str, round_: int, deadline_ms: int) -> Any:
+        """The next secure-aggregation event of this round (strays of other rounds are dropped)."""
+        while True:
+            timeout = max(5.0, deadline_ms / 1000 - time.time())
+            event = await asyncio.wait_for(self._mask_inbox.get(), timeout)
+            if event is None:
+                raise ConnectionError("the round stream ended during secure aggregation setup")
+            if event.WhichOneof("event") == kind and getattr(event, kind).round == round_:
+                return getattr(event, kind)
+
+    async def join_mask_set(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted,
+                            ) -> MemberSecrets | str:
+        """Keys out, peers' keys checked, shares out and in: this round's mask secrets, or why not."""
+        r = started.round
+        try:
+            signer, anchor = self._mask_identity()
+            secrets = MemberSecrets(self.federation_id, r, signer)
+            await client.advertise_keys(r, secrets.keys)
+            ready = await self._mask_event("mask_keys", r, started.deadline_unix_ms)
+            members = check_members([mask_keys_from_proto(m) for m in ready.members], anchor, self.federation_id,
+                                    r, ready.threshold)
+            await client.share_secrets(r, self.worker_id, secrets.shares_for(members, ready.threshold))
+            shares = await self._mask_event("mask_shares", r, started.deadline_unix_ms)
+            secrets.restrict(list(shares.members))
+            for share in shares.shares:
+                secrets.receive(share.worker_id, share.ciphertext)
+            if secrets.holds != set(shares.members):
+                raise RecoveryError(f"shares from {sorted(set(shares.members) - secrets.holds)} are missing")
+        except (FedfheError, TimeoutError) as exc:  # KeyRefused: a substituted or replayed key, say
+            log.error("secure aggregation setup refused", round=r, error=str(exc))
+            return f"secure aggregation setup: {exc or 'timed out'}"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            return f"secure aggregation setup: {exc.details()}"
+        self._secrets[r] = secrets
+        log.info("mask set joined", round=r, members=len(shares.members), threshold=secrets.threshold)
+        return secrets
+
+    def _forget_secrets(self, round_: int) -> None:
+        secrets = self._secrets.pop(round_, None)
+        if secrets is not None:
+            secrets.close()
+
+    async def on_unmask(self, client: CoordinatorClient, request: coordinator_pb2.UnmaskRequested) -> None:
+        """Sign the survivor set the coordinator announced (before any share is revealed)."""
+        secrets = self._secrets.get(request.round)
+        if secrets is None:
+            return
+        try:
+            signature = secrets.confirm(list(request.survivors))
+        except SecAggError as exc:
+            log.error("survivor set refused", round=request.round, error=str(exc))
+            return
+        await client.confirm_survivors(request.round, self.worker_id, signature)
+
+    async def on_survivors_confirmed(self, client: CoordinatorClient,
+                                     confirmed: coordinator_pb2.SurvivorsConfirmed) -> None:
+        """Reveal one share per member once t survivors signed the same survivor set."""
+        secrets = self._secrets.get(confirmed.round)
+        if secrets is None:
+            return
+        _, anchor = self._mask_identity()
+        try:
+            shares = secrets.reveal(list(confirmed.survivors), {s.worker_id: s.signature
+                                                                for s in confirmed.signatures}, anchor)
+        except SecAggError as exc:
+            log.error("no shares revealed", round=confirmed.round, error=str(exc))
+            return
+        await client.reveal_shares(confirmed.round, self.worker_id, shares)
+        self.metric("shares_revealed", round=confirmed.round, survivors=list(confirmed.survivors),
+                    shares=len(shares))
 
     async def on_started(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted) -> None:
         r = started.round
@@ -303,12 +400,18 @@ class FederatedWorker:
         if why is not None:
             await self.decline(client, r, why)
             return
+        if started.HasField("secure_aggregation") and started.secure_aggregation.enabled:
+            joined = await self.join_mask_set(client, started)
+            if isinstance(joined, str):  # never train or submit without the round's masks
+                await self.decline(client, r, joined)
+                return
         fhe_before = runtime.client.bytes_up if runtime.client else 0
         try:
             with progress_bar(f"round {r} local steps", cfg.local_steps, self.cfg.progress) as update:
                 result = await asyncio.to_thread(self.trainer.train_round, cfg, update)
         except NodeMisbehaved as exc:  # the step stopped before any state changed; this round's training is dropped
             load_lora_state_dict(runtime.model, self.global_state)
+            self._forget_secrets(r)
             await asyncio.to_thread(self.node_failed, exc, r, "training")
             await self.decline(client, r, f"an FHE node answer failed verification ({exc}); this round's "
                                           "local training was discarded")
@@ -359,23 +462,52 @@ class FederatedWorker:
         log.info("registered", federation=reg.federation_id, latest_patch_round=reg.latest_patch_round)
         if reg.latest_patch_round == 0 and self.applied_round > 0:
             await self.restore(client)
-        async for event in client.watch(self.worker_id):
-            self.backoff.reset()
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                await self.on_started(client, event.started)
-            elif kind == "closed":
-                closed = event.closed
-                self.metric("round_closed", round=closed.round, reason=closed.reason,
-                            aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
-                if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
-                    await self.settle_rotation()
-                    await self.sync(client, closed.round, self.round_cfg)  # a rejected one keeps the adapter
-            elif kind == "finished":
-                self.metric("finished", last_round=event.finished.last_round,
-                            epsilon=self.trainer.epsilon if self.trainer else 0.0)
-                return True
-        return False
+        try:
+            async for event in client.watch(self.worker_id):
+                self.backoff.reset()
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    await self.settle_round()
+                    # The round runs as its own task: its secure-aggregation events arrive on this stream meanwhile.
+                    self._round_task = asyncio.create_task(self.on_started(client, event.started))
+                elif kind in ("mask_keys", "mask_shares"):
+                    self._mask_inbox.put_nowait(event)
+                elif kind == "unmask":
+                    await self.on_unmask(client, event.unmask)
+                elif kind == "survivors_confirmed":
+                    await self.on_survivors_confirmed(client, event.survivors_confirmed)
+                elif kind == "closed":
+                    await self.settle_round()
+                    closed = event.closed
+                    self._forget_secrets(closed.round)
+                    self.metric("round_closed", round=closed.round, reason=closed.reason,
+                                aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
+                    if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
+                        await self.settle_rotation()
+                        await self.sync(client, closed.round, self.round_cfg)  # a rejected one keeps the adapter
+                elif kind == "finished":
+                    await self.settle_round()
+                    self.metric("finished", last_round=event.finished.last_round,
+                                epsilon=self.trainer.epsilon if self.trainer else 0.0)
+                    return True
+            return False
+        finally:  # the stream ended: a round still waiting for setup events learns it, and finishes first
+            self._mask_inbox.put_nowait(None)
+            await self.settle_round(quiet=True)
+            while not self._mask_inbox.empty():
+                self._mask_inbox.get_nowait()
+
+    async def settle_round(self, *, quiet: bool = False) -> None:
+        """Wait for the current round's task (its errors surface here, unless quiet after a broken stream)."""
+        task, self._round_task = self._round_task, None
+        if task is None:
+            return
+        try:
+            await task
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            if not quiet:
+                raise
+            log.warning("the round in progress ended with the stream", error=str(exc)[:200])
 
     async def run(self) -> int:
         """Follow the federation, reconnecting to a coordinator that went away, until it finishes."""

@@ -86,6 +86,26 @@ class CoordinatorServiceStub:
                 request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.SerializeToString,
                 response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseMaskKeys = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/AdvertiseMaskKeys',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareMaskSecrets = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/ShareMaskSecrets',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsResponse.FromString,
+                _registered_method=True)
+        self.ConfirmSurvivors = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/ConfirmSurvivors',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsResponse.FromString,
+                _registered_method=True)
+        self.RevealMaskShares = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/RevealMaskShares',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -163,6 +183,37 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseMaskKeys(self, request, context):
+        """Secure aggregation, setup: a member's public keys for the round, signed
+        with its certificate's key (peers check the signature, not the coordinator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareMaskSecrets(self, request, context):
+        """Secure aggregation, setup: a member's Shamir shares of its mask secrets,
+        one per other member, each encrypted to that member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmSurvivors(self, request, context):
+        """Secure aggregation, recovery: a survivor signs the survivor set it was told.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealMaskShares(self, request, context):
+        """Secure aggregation, recovery: a survivor reveals one share per member
+        (of its self-mask seed if it survived, of its mask key if it dropped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +261,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.RestorePatch,
                     request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.FromString,
                     response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.SerializeToString,
+            ),
+            'AdvertiseMaskKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseMaskKeys,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysResponse.SerializeToString,
+            ),
+            'ShareMaskSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareMaskSecrets,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsResponse.SerializeToString,
+            ),
+            'ConfirmSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSurvivors,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsResponse.SerializeToString,
+            ),
+            'RevealMaskShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealMaskShares,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -462,6 +533,114 @@ class CoordinatorService:
             '/fedfhe.v1.CoordinatorService/RestorePatch',
             fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchRequest.SerializeToString,
             fedfhe_dot_v1_dot_coordinator__pb2.RestorePatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseMaskKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/AdvertiseMaskKeys',
+            fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.AdvertiseMaskKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareMaskSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/ShareMaskSecrets',
+            fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.ShareMaskSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/ConfirmSurvivors',
+            fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.ConfirmSurvivorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealMaskShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/RevealMaskShares',
+            fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,
