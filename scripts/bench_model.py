@@ -67,6 +67,7 @@ from common.config import ChannelConfig, ServerConfig  # noqa: E402
 from common.logs import configure_logging  # noqa: E402
 from common.lwe import scheme, wire  # noqa: E402
 from common.lwe.params import LweParams, by_name  # noqa: E402
+from common.lwe.verify import Verifier  # noqa: E402
 from common.models import ModelWeights, load_model  # noqa: E402
 from common.rpc import RunningServer, start_server  # noqa: E402
 from common.stages import Direction, PublicWeights, Stage, WeightKey  # noqa: E402
@@ -166,6 +167,9 @@ def instrument_worker(probe: Probe, client: FheClient, bases: dict[str, Any]) ->
                                                    "decrypt": "worker.offline.HS"}.get(p.phase or ""))
     # The worker's view of one remote product: encode, send, wait, receive, decode.
     p.patch(client, "multiply", lambda key, b: f"roundtrip.{_direction(key)}")
+    # The Freivalds checks of every answer (products and hints) before decryption.
+    p.patch(Verifier, "check_product", lambda *a, **k: "worker.verify")
+    p.patch(Verifier, "check_hint", lambda *a, **k: "worker.verify")
     for name, base in bases.items():
         p.patch(base, "forward", lambda *a, name=name: f"{name}.linears.fwd")
         p.patch(base, "backward", lambda *a, name=name: f"{name}.linears.bwd")
@@ -180,10 +184,12 @@ def breakdown(delta: dict[str, float], total: float) -> dict[str, float]:
     ser = g("ser.worker_encode") + g("ser.node_decode") + g("ser.node_encode") + g("ser.worker_decode")
     roundtrip = g("roundtrip.fwd") + g("roundtrip.bwd")
     linears = g("fhe.linears.fwd") + g("fhe.linears.bwd")
+    verify = g("worker.verify")
     return {
         "worker_crypto_offline": offline,
         "worker_crypto_online": crypto - offline,
-        "worker_quantization": linears - crypto - roundtrip,
+        "worker_verify": verify,
+        "worker_quantization": linears - crypto - roundtrip - verify,
         "serialization": ser,
         "node_gemm": node,
         "network_grpc": roundtrip - node - ser,
@@ -194,6 +200,7 @@ def breakdown(delta: dict[str, float], total: float) -> dict[str, float]:
 BREAKDOWN_LABELS = {
     "worker_crypto_offline": "worker crypto, offline (sample S,E; A·S; H·S)",
     "worker_crypto_online": "worker crypto, online (Δ·X + add; Y − H·S; round)",
+    "worker_verify": "worker Freivalds checks of the node's answers (products, hints)",
     "worker_quantization": "worker quantize / dequantize",
     "serialization": "serialization (wire encode + decode, both sides)",
     "node_gemm": "node GEMM (W·B mod q)",
@@ -457,6 +464,7 @@ def bench_train(models: dict[str, SplitLlama], ids: torch.Tensor, mask: torch.Te
     out["fhe"]["node_gemm_bwd_s"] = d.get("node.gemm.bwd", 0.0)
     out["ratio_fhe_vs_local"] = fhe["seconds"] / best["local"]["seconds"]
     out["ratio_fhe_vs_float"] = fhe["seconds"] / best["float"]["seconds"]
+    out["verify_fraction_of_step"] = d.get("worker.verify", 0.0) / fhe["seconds"]
     out["up_bytes_per_step"] = (client.bytes_up - up0) / runs
     out["down_bytes_per_step"] = (client.bytes_down - down0) / runs
     return out

@@ -255,7 +255,7 @@ class Trainer:
                 p._forward_counter = 0
         for module in self.model.modules():
             if hasattr(module, "activations"):
-                module.activations = []
+                module.activations = []  # type: ignore[assignment]
             if hasattr(module, "max_batch_len"):
                 del module.max_batch_len
 
