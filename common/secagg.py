@@ -319,6 +319,7 @@ class MemberSecrets:
         self._index: dict[str, int] = {}  # Shamir index of each member of the keys phase
         self._held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (index, mask-key share, self-seed share)
         self._revealed: dict[str, ShareKind] = {}
+        self._confirmed: tuple[str, ...] | None = None  # the one survivor set this member signs per round
 
     def _share_key(self, peer: MemberKeys, sender: str, receiver: str) -> bytes:
         secret = self._cipher.exchange(X25519PublicKey.from_public_bytes(peer.cipher_public))
@@ -387,6 +388,11 @@ class MemberSecrets:
     def confirm(self, survivors: Sequence[str]) -> bytes:
         """Sign the survivor set the coordinator announced (the consistency check before any reveal)."""
         self._check_sets(survivors)
+        announced = tuple(sorted(survivors))
+        if self._confirmed is not None and self._confirmed != announced:
+            raise RecoveryError(f"a second, different survivor set for round {self.round}: refused (the coordinator "
+                                "told this member two stories)")
+        self._confirmed = announced
         return self._signer.sign(survivors_message(self.federation, self.round, survivors))
 
     def _check_sets(self, survivors: Sequence[str]) -> None:
@@ -406,6 +412,8 @@ class MemberSecrets:
         Only after t members of the survivor set signed that same set, and never both kinds for one member.
         """
         self._check_sets(survivors)
+        if self._confirmed != tuple(sorted(survivors)):
+            raise RecoveryError("shares are revealed only for the survivor set this member confirmed")
         peers = {m.worker: m for m in self.members}
         message = survivors_message(self.federation, self.round, survivors)
         valid = set()

@@ -29,6 +29,7 @@ from common.secagg import (
     pair_mask,
     rebuild,
     self_mask,
+    survivors_message,
     unmask,
 )
 from common.updates import (
@@ -137,16 +138,22 @@ def test_too_few_survivors_reveal_nothing(pki: Path) -> None:
         run.members[NAMES[0]].reveal(NAMES[:3], sigs, run.anchor)
 
 
-def test_a_survivor_never_reveals_both_shares_of_one_hospital(pki: Path) -> None:
-    """A coordinator that tells survivors two different stories gets refused on the second."""
+def test_a_survivor_signs_one_survivor_set_and_never_reveals_both_shares(pki: Path) -> None:
+    """A coordinator that tells a survivor two different stories gets refused on the second."""
     run = setup_round(pki)
     m = run.members[NAMES[0]]
     first = NAMES[:3]  # hospital-4 "dropped": its mask-key share
     sigs = {k: run.members[k].confirm(first) for k in first}
     got = {r.owner: r.kind for r in m.reveal(first, sigs, run.anchor)}
     assert got[NAMES[3]] == ShareKind.MASK_KEY and got[NAMES[1]] == ShareKind.SELF_MASK
-    second = NAMES  # now "hospital-4 survived": its self-seed share would unmask y_4 alone
-    sigs = {k: run.members[k].confirm(second) for k in second}
+    second = NAMES  # now "hospital-4 survived": its self-seed share would unmask y_4
+    with pytest.raises(RecoveryError, match="second, different survivor set"):
+        m.confirm(second)
+    # t genuine signatures over the second set (the other members signed it: say they were told it first)
+    sigs = {k: Signer.load(pki, k).sign(survivors_message(FED, ROUND, second)) for k in NAMES}
+    with pytest.raises(RecoveryError, match="only for the survivor set this member confirmed"):
+        m.reveal(second, sigs, run.anchor)
+    m._confirmed = tuple(second)  # even past that check (a bug, say), it never reveals both kinds for one member
     with pytest.raises(RecoveryError, match="both kinds"):
         m.reveal(second, sigs, run.anchor)
 
