@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if _base_type(hints[f.name]) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action="store_const", const="true",
                                 default=None, help=help_text)
+            if f.default is True:  # on by default: --no-NAME turns it off
+                parser.add_argument("--no-" + _flag(f.name)[2:], dest=f.name, action="store_const", const="false",
+                                    default=None, help=f"turn {_flag(f.name)} off")
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text,
                                 choices=f.metadata.get("choices"))

@@ -139,6 +139,7 @@ class Run:
     config: TrainingConfig
     rounds: list[dict[str, Any]] = field(default_factory=list)
     generation: dict[str, str] | None = None
+    pii_scrubbed: dict[str, bool] = field(default_factory=dict)  # per worker, as it told the coordinator
 
 
 def mean_eval(hospitals: Sequence[Hospital], round_: int) -> float | None:
@@ -216,6 +217,7 @@ async def drive(run: Run, coord_addr: str) -> None:
             print_round(run.rounds[-1], args.rounds)
         if args.generate and any(r["outcome"] == "aggregated" for r in run.rounds):
             run.generation = await asyncio.to_thread(generate_both, run, coord_addr)
+        run.pii_scrubbed = {w.worker_id: w.pii_scrubbed for w in (await op.status()).workers}
         await op.finish()
 
 
@@ -349,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=8.0, help="DP budget per hospital over the whole run")
     p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: 1/(10·N) per hospital)")
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (comparison only)")
+    p.add_argument("--no-scrub-pii", action="store_true",
+                   help="hospitals train on notes WITH their identifiers (comparison only; default: scrubbed)")
     p.add_argument("--no-secagg", action="store_true",
                    help="WITHOUT secure aggregation: consortium pads only (comparison only)")
     p.add_argument("--secagg-threshold", type=int, default=0,
@@ -403,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
           f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
           f"{'NO secure aggregation (comparison run)' if args.no_secagg else 'secure aggregation'}; "
+          f"{'identifiers NOT scrubbed (comparison run)' if args.no_scrub_pii else 'PII scrubbed'}; "
           f"{f'REPLAYABLE randomness, seed {args.replay_seed} (comparison run); ' if args.replay_seed else ''}"
           f"{'full LoRA' if args.full_lora else 'FFA-LoRA'} rank {args.lora_rank} on {args.lora_targets}")
     procs: list[subprocess.Popen] = []
@@ -442,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmd += ["--fhe", node_addr]
             if args.no_dp:
                 cmd.append("--no-dp")
+            if args.no_scrub_pii:
+                cmd.append("--no-scrub-pii")
             if args.replay_seed:
                 cmd += ["--replay-seed", str(args.replay_seed)]
             hospitals.append(Hospital(name, mode, cmd, run_dir / "metrics" / f"{name}.jsonl"))
@@ -475,12 +482,12 @@ def make_report(run: Run, seconds: float) -> dict[str, Any]:
     aggregated = [r for r in run.rounds if r["outcome"] == "aggregated" and r["eval_loss"] is not None]
     return {
         "model": args.model,
-        "workers": {h.name: {"mode": h.mode, "restarts": h.restarts,
+        "workers": {h.name: {"mode": h.mode, "restarts": h.restarts, "pii_scrubbed": run.pii_scrubbed.get(h.name),
                              "final_epsilon": finite(h.events("finished")[-1]["epsilon"]) if h.events("finished")
                              else None} for h in run.hospitals},
         "settings": {"rounds": args.rounds, "min_workers": args.min_workers, "param_set": args.param_set,
                      "epsilon": args.epsilon, "delta": args.delta or None, "dp": not args.no_dp,
-                     "replay_seed": args.replay_seed or None,
+                     "replay_seed": args.replay_seed or None, "scrub_pii": not args.no_scrub_pii,
                      "max_grad_norm": args.max_grad_norm, "records_largest_hospital": args.records,
                      "training": {**run.config.__dict__, "lora_targets": list(run.config.lora_targets)}},
         "secure_aggregation": None if args.no_secagg else {

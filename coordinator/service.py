@@ -120,7 +120,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                        context: grpc.aio.ServicerContext) -> coordinator_pb2.RegisterResponse:
         name, role = self._caller(context, request.worker_name, "worker")
         fed = self.federation
-        worker = fed.register(name, role, request.num_records, request.key_check_value, request.no_dp)
+        worker = fed.register(name, role, request.num_records, request.key_check_value, request.no_dp,
+                              request.pii_scrubbed)
         return coordinator_pb2.RegisterResponse(
             worker_id=worker.worker_id, federation_id=fed.federation_id,
             key_check_value=fed.key_check_value, latest_patch_round=fed.latest_patch_round)
@@ -243,7 +244,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             federation_id=fed.federation_id, current_round=fed.current_round,
             workers=[coordinator_pb2.WorkerStatus(
                 worker_id=w.worker_id, connected=w.connected, last_round=w.last_round, epsilon=w.epsilon,
-                num_records=w.num_records, no_dp=w.no_dp, declined=w.declined)
+                num_records=w.num_records, no_dp=w.no_dp, declined=w.declined, pii_scrubbed=w.pii_scrubbed)
                 for w in fed.workers.values()],
             rounds=[coordinator_pb2.RoundStatus(
                 round=r.number, state=r.state.value,

@@ -161,6 +161,7 @@ class Worker:
     worker_id: str
     num_records: int
     no_dp: bool = False
+    pii_scrubbed: bool = False
     registered_at: float = field(default_factory=time.time)
     last_round: int = 0
     epsilon: float = 0.0
@@ -318,7 +319,7 @@ class Federation:
                 f"{self.key_check_value.hex()}: wrong consortium key file")
 
     def register(self, name: str, role: str, num_records: int, key_check_value: bytes,
-                 no_dp: bool = False) -> Worker:
+                 no_dp: bool = False, pii_scrubbed: bool = False) -> Worker:
         """Enroll (or re-enroll, after a restart) a worker under its certificate name."""
         if role != "worker":
             raise PermissionDenied(f"certificate {name!r} has role {role!r}, not worker")
@@ -333,8 +334,8 @@ class Federation:
         worker = self.workers.get(name)
         if worker is None:
             worker = self.workers[name] = Worker(name, num_records)
-            log.info("worker registered", worker=name, records=num_records, no_dp=no_dp)
-        worker.num_records, worker.no_dp = num_records, no_dp
+            log.info("worker registered", worker=name, records=num_records, no_dp=no_dp, pii_scrubbed=pii_scrubbed)
+        worker.num_records, worker.no_dp, worker.pii_scrubbed = num_records, no_dp, pii_scrubbed
         return worker
 
     def worker(self, name: str) -> Worker:

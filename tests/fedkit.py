@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from worker.coordinator_client import CoordinatorClient
 from worker.data import load_records
 from worker.federation import FederatedWorker
 from worker.runtime import tokenizer
+from worker.scrub import Scrubber
 
 FAST = TrainingConfig(local_steps=3, batch_size=4, learning_rate=2e-2, lora_rank=4, lora_alpha=8.0,
                       lora_targets=("q", "v", "down"), max_seq_len=48, total_rounds=3)
@@ -88,9 +90,16 @@ def join_config(name: str, data: Path, key_file: Path, coordinator: str, node: s
     return cfg
 
 
+@functools.cache
+def scrubber() -> Scrubber:
+    return Scrubber()  # built once: the patterns are the costly part
+
+
 def make_worker(cfg: JoinConfig, key: ConsortiumKey, cls: type[FederatedWorker] = RecordingWorker) -> FederatedWorker:
-    tok = tokenizer(cfg.model)
-    return cls(cfg, key, load_records(cfg.data, tok, 512), load_records(cfg.eval_data, tok, 512, cfg.eval_records))
+    """A worker as `fedfhe-worker join` makes it: notes scrubbed (unless --no-scrub-pii), then tokenized."""
+    tok, scrub = tokenizer(cfg.model), scrubber() if cfg.scrub_pii else None
+    return cls(cfg, key, load_records(cfg.data, tok, 512, scrubber=scrub),
+               load_records(cfg.eval_data, tok, 512, cfg.eval_records, scrubber=scrub))
 
 
 class Operator(OperatorClient):

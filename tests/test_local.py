@@ -32,6 +32,7 @@ def test_local_federation_with_a_worker_killed_mid_round(tmp_path: Path) -> None
     everyone = ["hospital-1", "hospital-2", "hospital-3", "hospital-4"]
     assert [r["participants"] for r in rounds] == [everyone, everyone[:3], everyone]
     assert report["workers"]["hospital-4"]["restarts"] == 1
+    assert report["settings"]["scrub_pii"] and all(w["pii_scrubbed"] for w in report["workers"].values())
     # secure aggregation: hospital-4 had joined round 2's mask set, so its masks were rebuilt from shares
     assert report["secure_aggregation"]["threshold"] == 3 and "Bonawitz" in report["secure_aggregation"]["scheme"]
     assert rounds[1]["mask_recovery"]["dropped"] == ["hospital-4"]

@@ -185,6 +185,19 @@ def test_config_precedence_flag_env_default() -> None:
     assert cfg.listen == "[::1]:0" and cfg.log_format == "console"
 
 
+def test_a_flag_on_by_default_has_a_no_form(tmp_path: Path) -> None:
+    """--scrub-pii is on by default; --no-scrub-pii (or FEDFHE_SCRUB_PII=false) turns it off."""
+    from worker.config import JoinConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, JoinConfig)
+    base = ["--coordinator", "c:1", "--data", "d.jsonl", "--consortium-key", "k", "--no-dp", "--mode", "local"]
+    assert from_namespace(JoinConfig, parser.parse_args(base), {}).scrub_pii is True
+    assert from_namespace(JoinConfig, parser.parse_args([*base, "--no-scrub-pii"]), {}).scrub_pii is False
+    assert from_namespace(JoinConfig, parser.parse_args([*base, "--scrub-pii"]), {}).scrub_pii is True
+    assert from_namespace(JoinConfig, parser.parse_args(base), {"FEDFHE_SCRUB_PII": "false"}).scrub_pii is False
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.1.2.3:1", "example.org:443"])
 def test_insecure_on_non_loopback_is_refused(listen: str) -> None:
     with pytest.raises(ConfigError, match="--insecure is refused on non-loopback"):

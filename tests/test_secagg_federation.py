@@ -84,6 +84,7 @@ async def test_masked_uploads_look_uniform_and_getstatus_shows_the_recovery(tmp_
         assert "masks of hospital-3 recovered from shares" in closed.reason
         status = await fx.op.status()
         assert status.secure_aggregation.enabled and status.secure_aggregation.threshold == 0  # majority
+        assert all(w.pii_scrubbed for w in status.workers)  # each hospital scrubs its notes (the default)
         rec = status.rounds[0].mask_recovery
         assert (rec.threshold, rec.phase, list(rec.members), list(rec.survivors), list(rec.dropped)) == (
             2, "done", NAMES, NAMES[:2], ["hospital-3"])

@@ -32,6 +32,7 @@ from worker.federation import FederatedWorker, adapter_tensors, lora_config, ope
 from worker.lora import load_lora_state_dict
 from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer
+from worker.scrub import Scrubber
 
 TOKENIZE_MAX = 4096  # notes are cut to the round's max_seq_len at batch time
 
@@ -75,8 +76,13 @@ def run_join(cfg: JoinConfig) -> int:
     assert cfg.consortium_key is not None
     key = load_key_file(cfg.consortium_key)
     tok = tokenizer(cfg.model)
-    train = load_records(cfg.data, tok, TOKENIZE_MAX)
-    held_out = load_records(cfg.eval_data, tok, TOKENIZE_MAX, limit=cfg.eval_records or None)
+    scrubber = Scrubber() if cfg.scrub_pii else None  # every note, training and held-out, before tokenization
+    start = time.perf_counter()
+    train = load_records(cfg.data, tok, TOKENIZE_MAX, scrubber=scrubber)
+    held_out = load_records(cfg.eval_data, tok, TOKENIZE_MAX, limit=cfg.eval_records or None, scrubber=scrubber)
+    structlog.get_logger("fedfhe.worker").info(
+        "notes loaded", train=len(train), held_out=len(held_out), scrub_pii=cfg.scrub_pii,
+        seconds=round(time.perf_counter() - start, 2))
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     worker = FederatedWorker(cfg, key, train, held_out, pad_id=int(pad))
     try:

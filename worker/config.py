@@ -66,6 +66,9 @@ class JoinConfig(WorkerConfig):
     min_aggregate: int = opt(2, help="open only aggregates of at least this many hospitals (the coordinator "
                                      "holds each contribution and could otherwise serve one alone)")
     progress: bool = opt(False, help="show progress bars for local steps and hint downloads")
+    scrub_pii: bool = opt(True, help="replace identifiers (names, IDs, contacts, addresses, dates, ...) in every "
+                                     "note with typed placeholders before tokenization (worker.scrub); "
+                                     "--no-scrub-pii trains on the raw text (comparison runs only)")
     rotate_seed_rounds: int = opt(1, help="a fresh public seed (a new LWE matrix A, new hints) every this many "
                                           "rounds, set up after submitting (0: one seed for the whole run)")
     replay_seed: int = opt(0, help="draw batch sampling and DP noise from an AES-CTR stream keyed by this seed "

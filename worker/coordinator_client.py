@@ -55,9 +55,10 @@ class CoordinatorClient(RpcClient):
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def register(self, worker_name: str, num_records: int, key_check_value: bytes,
-                       no_dp: bool) -> pb.RegisterResponse:
+                       no_dp: bool, pii_scrubbed: bool = False) -> pb.RegisterResponse:
         return await self.stub.Register(pb.RegisterRequest(
-            worker_name=worker_name, num_records=num_records, key_check_value=key_check_value, no_dp=no_dp))
+            worker_name=worker_name, num_records=num_records, key_check_value=key_check_value, no_dp=no_dp,
+            pii_scrubbed=pii_scrubbed))
 
     def watch(self, worker_id: str) -> AsyncIterator[pb.WatchRoundsResponse]:
         """This worker's round events, until the federation finishes or the stream breaks."""

@@ -16,6 +16,8 @@ from common.notes import Note, load_notes
 if TYPE_CHECKING:
     import torch
 
+    from worker.scrub import Scrubber
+
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -85,8 +87,13 @@ def pad_batch(rows: Sequence[Sequence[int]], max_len: int | None, pad_id: int = 
     return ids, mask
 
 
-def load_records(path: Path | None, tokenizer: Any, max_len: int, limit: int | None = None) -> list[list[int]]:
+def load_records(path: Path | None, tokenizer: Any, max_len: int, limit: int | None = None,
+                 scrubber: Scrubber | None = None) -> list[list[int]]:
+    """Token ids of a notes file (its first `limit` notes), each note scrubbed of PII first when given a scrubber."""
     if path is None:
         return []
     notes = load_notes(path)
-    return [r for r in tokenize_notes(notes[:limit] if limit else notes, tokenizer, max_len) if len(r) >= 2]
+    notes = notes[:limit] if limit else notes
+    if scrubber is not None:
+        notes = scrubber.scrub_notes(notes)
+    return [r for r in tokenize_notes(notes, tokenizer, max_len) if len(r) >= 2]

@@ -453,7 +453,7 @@ class FederatedWorker:
     async def session(self, client: CoordinatorClient) -> bool:
         """Register, catch up, follow the round events; True once the federation finished (False: stream ended)."""
         reg = await client.register(self.worker_id, len(self.train_records), self.key.check_value(),
-                                    no_dp=not self.dp.enabled)
+                                    no_dp=not self.dp.enabled, pii_scrubbed=self.cfg.scrub_pii)
         if self.federation_id and reg.federation_id != self.federation_id:
             raise FailedPrecondition(f"coordinator now serves federation {reg.federation_id!r}, "
                                      f"not {self.federation_id!r}")

@@ -27,16 +27,18 @@ SHARE_KIND_SELF_MASK: ShareKind
 SHARE_KIND_MASK_KEY: ShareKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_name", "num_records", "key_check_value", "no_dp")
+    __slots__ = ("worker_name", "num_records", "key_check_value", "no_dp", "pii_scrubbed")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
     KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     NO_DP_FIELD_NUMBER: _ClassVar[int]
+    PII_SCRUBBED_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     num_records: int
     key_check_value: bytes
     no_dp: bool
-    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ...) -> None: ...
+    pii_scrubbed: bool
+    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., pii_scrubbed: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "federation_id", "key_check_value", "latest_patch_round")
@@ -399,7 +401,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "connected", "last_round", "epsilon", "num_records", "no_dp", "declined")
+    __slots__ = ("worker_id", "connected", "last_round", "epsilon", "num_records", "no_dp", "declined", "pii_scrubbed")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +409,7 @@ class WorkerStatus(_message.Message):
     NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
     NO_DP_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
+    PII_SCRUBBED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     connected: bool
     last_round: int
@@ -414,7 +417,8 @@ class WorkerStatus(_message.Message):
     num_records: int
     no_dp: bool
     declined: str
-    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ..., num_records: _Optional[int] = ..., no_dp: _Optional[bool] = ..., declined: _Optional[str] = ...) -> None: ...
+    pii_scrubbed: bool
+    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ..., num_records: _Optional[int] = ..., no_dp: _Optional[bool] = ..., declined: _Optional[str] = ..., pii_scrubbed: _Optional[bool] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "state", "participants", "buffer_bytes", "eligible", "reason", "seconds", "bytes_received", "mask_recovery")
