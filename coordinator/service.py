@@ -5,6 +5,7 @@ Domain errors raised here or in the state become status codes in common.rpc.Call
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from common.messages import (
 from common.secagg import SCHEME
 from common.tls import peer_identity
 from coordinator.state import (
+    Evaluation,
     Event,
     Federation,
     FinishedEvent,
@@ -38,6 +40,7 @@ from coordinator.state import (
     UpdateClaim,
     Upload,
     check_worker_name,
+    mean_eval_loss,
 )
 from fedfhe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -46,7 +49,12 @@ log = structlog.get_logger("fedfhe.coordinator")
 
 def participant_to_proto(p: ParticipantInfo) -> coordinator_pb2.Participant:
     return coordinator_pb2.Participant(worker_id=p.worker_id, num_samples=p.num_samples, epsilon=p.epsilon,
-                                       no_dp=p.no_dp, nonce=p.nonce)
+                                       no_dp=p.no_dp, nonce=p.nonce, train_loss=p.train_loss)
+
+
+def evaluations_to_proto(evaluations: dict[str, Evaluation]) -> list[coordinator_pb2.Evaluation]:
+    return [coordinator_pb2.Evaluation(worker_id=e.worker_id, eval_loss=e.eval_loss, records=e.records)
+            for e in sorted(evaluations.values(), key=lambda e: e.worker_id)]
 
 
 def event_to_proto(ev: Event) -> coordinator_pb2.WatchRoundsResponse:
@@ -82,7 +90,12 @@ def event_to_proto(ev: Event) -> coordinator_pb2.WatchRoundsResponse:
 def update_claim(h: coordinator_pb2.UpdateHeader) -> UpdateClaim:
     return UpdateClaim(round=h.round, num_samples=h.num_samples, epsilon=h.epsilon_spent, no_dp=h.no_dp,
                        specs=[(s.name, tuple(s.shape)) for s in h.tensors], size_bytes=h.size_bytes,
-                       key_check_value=h.key_check_value, nonce=h.nonce, digest=h.digest, masked=h.masked)
+                       key_check_value=h.key_check_value, nonce=h.nonce, digest=h.digest, masked=h.masked,
+                       train_loss=h.train_loss if math.isfinite(h.train_loss) else math.nan)
+
+
+def nan_to_zero(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
 
 
 def mask_recovery(rnd: Round) -> coordinator_pb2.MaskRecovery | None:
@@ -121,7 +134,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         name, role = self._caller(context, request.worker_name, "worker")
         fed = self.federation
         worker = fed.register(name, role, request.num_records, request.key_check_value, request.no_dp,
-                              request.pii_scrubbed)
+                              request.pii_scrubbed, request.epsilon_budget)
         return coordinator_pb2.RegisterResponse(
             worker_id=worker.worker_id, federation_id=fed.federation_id,
             key_check_value=fed.key_check_value, latest_patch_round=fed.latest_patch_round)
@@ -236,6 +249,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.federation.reveal_shares(name, request.round, [revealed_from_proto(s) for s in request.shares])
         return coordinator_pb2.RevealMaskSharesResponse(round=request.round)
 
+    async def ReportEvaluation(self, request: coordinator_pb2.ReportEvaluationRequest,
+                               context: grpc.aio.ServicerContext) -> coordinator_pb2.ReportEvaluationResponse:
+        name, _ = self._caller(context, request.worker_id, "worker")
+        self.federation.report_evaluation(name, request.round, request.eval_loss, request.records)
+        return coordinator_pb2.ReportEvaluationResponse(round=request.round)
+
     async def GetStatus(self, request: coordinator_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.GetStatusResponse:
         self._caller(context, "", "worker", "operator")
@@ -244,16 +263,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             federation_id=fed.federation_id, current_round=fed.current_round,
             workers=[coordinator_pb2.WorkerStatus(
                 worker_id=w.worker_id, connected=w.connected, last_round=w.last_round, epsilon=w.epsilon,
-                num_records=w.num_records, no_dp=w.no_dp, declined=w.declined, pii_scrubbed=w.pii_scrubbed)
+                num_records=w.num_records, no_dp=w.no_dp, declined=w.declined, pii_scrubbed=w.pii_scrubbed,
+                epsilon_budget=w.epsilon_budget)
                 for w in fed.workers.values()],
             rounds=[coordinator_pb2.RoundStatus(
                 round=r.number, state=r.state.value,
                 participants=[participant_to_proto(p) for p in r.submissions.values()],
                 buffer_bytes=fed.buffer_bytes(r), eligible=list(r.eligible), reason=r.reason, seconds=r.seconds,
-                bytes_received=r.bytes_received, mask_recovery=mask_recovery(r))
+                bytes_received=r.bytes_received, mask_recovery=mask_recovery(r),
+                evaluations=evaluations_to_proto(r.evaluations), eval_loss=nan_to_zero(mean_eval_loss(r.evaluations)),
+                declines=[coordinator_pb2.Decline(worker_id=w, reason=why) for w, why in sorted(r.declined.items())])
                 for r in sorted(fed.rounds.values(), key=lambda r: r.number)],
             buffer_bytes_total=fed.store.total_bytes, min_workers=fed.settings.min_workers,
             keep_rounds=fed.store.keep, buffers_locked=fed.buffers_locked, finished=fed.finished,
+            baseline_evaluations=evaluations_to_proto(fed.baseline_evaluations),
             secure_aggregation=coordinator_pb2.SecureAggregation(
                 enabled=fed.settings.secagg, threshold=fed.settings.secagg_threshold,
                 scheme=SCHEME if fed.settings.secagg else "consortium pads only (--no-secagg)"))

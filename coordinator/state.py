@@ -83,6 +83,22 @@ class ParticipantInfo:
     epsilon: float
     no_dp: bool
     nonce: bytes
+    train_loss: float = math.nan  # as the worker reported it (nan: not reported)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A worker's held-out loss of a round's global adapter (reported, for the operator's view)."""
+
+    worker_id: str
+    eval_loss: float
+    records: int
+
+
+def mean_eval_loss(evaluations: dict[str, Evaluation]) -> float:
+    """Mean held-out loss weighted by the notes each worker measured it on (nan: none reported)."""
+    total = sum(e.records for e in evaluations.values())
+    return sum(e.eval_loss * e.records for e in evaluations.values()) / total if total else math.nan
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,7 @@ class Worker:
     num_records: int
     no_dp: bool = False
     pii_scrubbed: bool = False
+    epsilon_budget: float = 0.0  # its DP budget (0: without DP or not reported)
     registered_at: float = field(default_factory=time.time)
     last_round: int = 0
     epsilon: float = 0.0
@@ -203,6 +220,7 @@ class Round:
     digest: bytes = b""  # SHA-256 of the stored aggregate, fixed when the round closes
     timer: asyncio.TimerHandle | None = None
     mask: MaskRound | None = None  # secure aggregation (None: pads only)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
     mask_timer: asyncio.TimerHandle | None = None  # bounds the current secure-aggregation phase
 
     @property
@@ -248,6 +266,7 @@ class UpdateClaim:
     digest: bytes = b""  # SHA-256 of the payload
     config: TrainingConfig | None = None  # a restore's: how to rebuild the adapter
     masked: bool = False  # an update carrying secure-aggregation masks
+    train_loss: float = math.nan
 
 
 class UploadKind(StrEnum):
@@ -305,6 +324,7 @@ class Federation:
         self.store = PatchStore(self.settings.keep_rounds)
         self.finished = False
         self._restoring: set[str] = set()
+        self.baseline_evaluations: dict[str, Evaluation] = {}  # round 0: the base model
         self._observers: list[asyncio.Queue[Event]] = []
         self._clock = clock
 
@@ -319,7 +339,7 @@ class Federation:
                 f"{self.key_check_value.hex()}: wrong consortium key file")
 
     def register(self, name: str, role: str, num_records: int, key_check_value: bytes,
-                 no_dp: bool = False, pii_scrubbed: bool = False) -> Worker:
+                 no_dp: bool = False, pii_scrubbed: bool = False, epsilon_budget: float = 0.0) -> Worker:
         """Enroll (or re-enroll, after a restart) a worker under its certificate name."""
         if role != "worker":
             raise PermissionDenied(f"certificate {name!r} has role {role!r}, not worker")
@@ -335,7 +355,10 @@ class Federation:
         if worker is None:
             worker = self.workers[name] = Worker(name, num_records)
             log.info("worker registered", worker=name, records=num_records, no_dp=no_dp, pii_scrubbed=pii_scrubbed)
+        if not (math.isfinite(epsilon_budget) and 0 <= epsilon_budget <= 1e6):
+            raise InvalidArgument(f"epsilon budget {epsilon_budget} is not a finite number in [0, 1e6]")
         worker.num_records, worker.no_dp, worker.pii_scrubbed = num_records, no_dp, pii_scrubbed
+        worker.epsilon_budget = epsilon_budget
         return worker
 
     def worker(self, name: str) -> Worker:
@@ -557,7 +580,7 @@ class Federation:
         rnd.accumulator.add(upload.scratch)
         rnd.bytes_received += layout.size_bytes
         rnd.submissions[worker] = ParticipantInfo(worker, claim.num_samples, claim.epsilon, claim.no_dp,
-                                                  claim.nonce)
+                                                  claim.nonce, claim.train_loss)
         rnd.pending.discard(worker)
         w = self.workers[worker]
         w.last_round, w.epsilon, w.no_dp, w.declined = rnd.number, claim.epsilon, claim.no_dp, ""
@@ -632,6 +655,19 @@ class Federation:
         log.info("round closed", round=rnd.number, state=rnd.state, reason=rnd.reason,
                  participants=sorted(rnd.submissions), seconds=round(rnd.seconds, 2))
         self._broadcast(rnd.closed_event())
+
+    def report_evaluation(self, worker: str, round_: int, eval_loss: float, records: int) -> None:
+        """A worker's held-out loss of a round's global adapter (round 0: the base model); the latest wins."""
+        self.worker(worker)
+        if not (math.isfinite(eval_loss) and 0 <= eval_loss <= 1e6) or not 0 <= records <= 1 << 40:
+            raise InvalidArgument(f"eval loss {eval_loss} or record count {records} out of range")
+        if round_ == 0:
+            self.baseline_evaluations[worker] = Evaluation(worker, eval_loss, records)
+            return
+        rnd = self.rounds.get(round_)
+        if rnd is None or rnd.state not in (RoundState.AGGREGATED, RoundState.EVICTED):
+            raise FailedPrecondition(f"round {round_} has no aggregate to have been evaluated")
+        rnd.evaluations[worker] = Evaluation(worker, eval_loss, records)
 
     # ---- secure aggregation -----------------------------------------------------------------------
 

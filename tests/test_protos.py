@@ -47,6 +47,11 @@ def test_service_surface() -> None:
         "StartRound": (False, False),
         "FinishFederation": (False, False),
         "RestorePatch": (True, False),
+        "AdvertiseMaskKeys": (False, False),
+        "ShareMaskSecrets": (False, False),
+        "ConfirmSurvivors": (False, False),
+        "RevealMaskShares": (False, False),
+        "ReportEvaluation": (False, False),
     }
 
 

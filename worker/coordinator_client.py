@@ -55,10 +55,10 @@ class CoordinatorClient(RpcClient):
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def register(self, worker_name: str, num_records: int, key_check_value: bytes,
-                       no_dp: bool, pii_scrubbed: bool = False) -> pb.RegisterResponse:
+                       no_dp: bool, pii_scrubbed: bool = False, epsilon_budget: float = 0.0) -> pb.RegisterResponse:
         return await self.stub.Register(pb.RegisterRequest(
             worker_name=worker_name, num_records=num_records, key_check_value=key_check_value, no_dp=no_dp,
-            pii_scrubbed=pii_scrubbed))
+            pii_scrubbed=pii_scrubbed, epsilon_budget=epsilon_budget))
 
     def watch(self, worker_id: str) -> AsyncIterator[pb.WatchRoundsResponse]:
         """This worker's round events, until the federation finishes or the stream breaks."""
@@ -109,6 +109,11 @@ class CoordinatorClient(RpcClient):
                             ) -> pb.RevealMaskSharesResponse:
         return await self.stub.RevealMaskShares(pb.RevealMaskSharesRequest(
             round=round_, worker_id=worker_id, shares=[revealed_to_proto(r) for r in shares]))
+
+    async def report_evaluation(self, round_: int, worker_id: str, eval_loss: float, records: int,
+                                ) -> pb.ReportEvaluationResponse:
+        return await self.stub.ReportEvaluation(pb.ReportEvaluationRequest(
+            round=round_, worker_id=worker_id, eval_loss=eval_loss, records=records))
 
     async def get_status(self) -> pb.GetStatusResponse:
         return await self.stub.GetStatus(pb.GetStatusRequest())

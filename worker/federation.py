@@ -179,18 +179,28 @@ class FederatedWorker:
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 
-    def evaluate_adapter(self, round_: int, cfg: TrainingConfig) -> None:
-        """Held-out loss of the current global adapter, recorded as the round's eval loss."""
+    def evaluate_adapter(self, round_: int, cfg: TrainingConfig) -> float | None:
+        """Held-out loss of the current global adapter, recorded as the round's eval loss (None: none)."""
         if not self.held_out or self.runtime is None:
-            return
+            return None
         start = time.perf_counter()
         try:
             loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
         except NodeMisbehaved as exc:  # no loss is recorded from an answer that failed verification
             self.node_failed(exc, round_, "evaluation")
-            return
+            return None
         self.metric("evaluated", round=round_, eval_loss=loss, records=len(self.held_out),
                     seconds=round(time.perf_counter() - start, 3))
+        return loss
+
+    async def evaluate_and_report(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig) -> None:
+        """Evaluate the global adapter of round_ and tell the coordinator (the operator sees it in GetStatus)."""
+        loss = await asyncio.to_thread(self.evaluate_adapter, round_, cfg)
+        if loss is not None:
+            try:
+                await client.report_evaluation(round_, self.worker_id, loss, len(self.held_out))
+            except grpc.aio.AioRpcError as exc:  # the operator's view only: never worth failing a round over
+                log.warning("eval loss not reported", round=round_, code=exc.code().name)
 
     # ---- the FHE node -----------------------------------------------------------------------------
 
@@ -267,7 +277,7 @@ class FederatedWorker:
             fields["lora_aggregation_error"] = aggregation_error(
                 self.runtime, {k: v for k, v in mean.items() if k.startswith("sketch.")}, cfg.lora_seed)
         self.metric("applied", round=round_, **fields)
-        await asyncio.to_thread(self.evaluate_adapter, round_, cfg)
+        await self.evaluate_and_report(client, round_, cfg)
         return None
 
     async def decline(self, client: CoordinatorClient, round_: int, why: str) -> None:
@@ -292,7 +302,7 @@ class FederatedWorker:
             round=round_, num_samples=result.num_samples, epsilon_spent=result.epsilon,
             tensors=layout_to_proto(enc.layout), size_bytes=len(payload), digest=hashlib.sha256(payload).digest(),
             worker_id=self.worker_id, key_check_value=self.key.check_value(), no_dp=not self.dp.enabled,
-            nonce=enc.nonce, masked=secrets is not None)
+            nonce=enc.nonce, masked=secrets is not None, train_loss=result.train_loss)
         await client.submit_update(header, payload)
         return len(payload)
 
@@ -393,7 +403,7 @@ class FederatedWorker:
             return
         if not self.baseline_done and self.applied_round == 0:
             self.baseline_done = True
-            await asyncio.to_thread(self.evaluate_adapter, 0, cfg)
+            await self.evaluate_and_report(client, 0, cfg)
         why = self.trainer.refusal(cfg)
         if why is None and time.time() * 1000 >= started.deadline_unix_ms:
             why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
@@ -453,7 +463,8 @@ class FederatedWorker:
     async def session(self, client: CoordinatorClient) -> bool:
         """Register, catch up, follow the round events; True once the federation finished (False: stream ended)."""
         reg = await client.register(self.worker_id, len(self.train_records), self.key.check_value(),
-                                    no_dp=not self.dp.enabled, pii_scrubbed=self.cfg.scrub_pii)
+                                    no_dp=not self.dp.enabled, pii_scrubbed=self.cfg.scrub_pii,
+                                    epsilon_budget=self.dp.epsilon if self.dp.enabled else 0.0)
         if self.federation_id and reg.federation_id != self.federation_id:
             raise FailedPrecondition(f"coordinator now serves federation {reg.federation_id!r}, "
                                      f"not {self.federation_id!r}")

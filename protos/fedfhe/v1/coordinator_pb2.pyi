@@ -27,18 +27,20 @@ SHARE_KIND_SELF_MASK: ShareKind
 SHARE_KIND_MASK_KEY: ShareKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_name", "num_records", "key_check_value", "no_dp", "pii_scrubbed")
+    __slots__ = ("worker_name", "num_records", "key_check_value", "no_dp", "pii_scrubbed", "epsilon_budget")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
     KEY_CHECK_VALUE_FIELD_NUMBER: _ClassVar[int]
     NO_DP_FIELD_NUMBER: _ClassVar[int]
     PII_SCRUBBED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     num_records: int
     key_check_value: bytes
     no_dp: bool
     pii_scrubbed: bool
-    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., pii_scrubbed: _Optional[bool] = ...) -> None: ...
+    epsilon_budget: float
+    def __init__(self, worker_name: _Optional[str] = ..., num_records: _Optional[int] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., pii_scrubbed: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "federation_id", "key_check_value", "latest_patch_round")
@@ -171,18 +173,20 @@ class SurvivorsConfirmed(_message.Message):
     def __init__(self, round: _Optional[int] = ..., survivors: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ...) -> None: ...
 
 class Participant(_message.Message):
-    __slots__ = ("worker_id", "num_samples", "epsilon", "no_dp", "nonce")
+    __slots__ = ("worker_id", "num_samples", "epsilon", "no_dp", "nonce", "train_loss")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     NO_DP_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_samples: int
     epsilon: float
     no_dp: bool
     nonce: bytes
-    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., epsilon: _Optional[float] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    train_loss: float
+    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., epsilon: _Optional[float] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class RoundClosed(_message.Message):
     __slots__ = ("round", "participants", "total_samples", "outcome", "reason")
@@ -275,7 +279,7 @@ class GetPatchResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PatchHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "epsilon_spent", "tensors", "size_bytes", "digest", "worker_id", "key_check_value", "no_dp", "nonce", "masked")
+    __slots__ = ("round", "num_samples", "epsilon_spent", "tensors", "size_bytes", "digest", "worker_id", "key_check_value", "no_dp", "nonce", "masked", "train_loss")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +291,7 @@ class UpdateHeader(_message.Message):
     NO_DP_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     MASKED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     epsilon_spent: float
@@ -298,7 +303,8 @@ class UpdateHeader(_message.Message):
     no_dp: bool
     nonce: bytes
     masked: bool
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ..., masked: _Optional[bool] = ...) -> None: ...
+    train_loss: float
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., key_check_value: _Optional[bytes] = ..., no_dp: _Optional[bool] = ..., nonce: _Optional[bytes] = ..., masked: _Optional[bool] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -401,7 +407,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "connected", "last_round", "epsilon", "num_records", "no_dp", "declined", "pii_scrubbed")
+    __slots__ = ("worker_id", "connected", "last_round", "epsilon", "num_records", "no_dp", "declined", "pii_scrubbed", "epsilon_budget")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +416,7 @@ class WorkerStatus(_message.Message):
     NO_DP_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
     PII_SCRUBBED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     connected: bool
     last_round: int
@@ -418,10 +425,29 @@ class WorkerStatus(_message.Message):
     no_dp: bool
     declined: str
     pii_scrubbed: bool
-    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ..., num_records: _Optional[int] = ..., no_dp: _Optional[bool] = ..., declined: _Optional[str] = ..., pii_scrubbed: _Optional[bool] = ...) -> None: ...
+    epsilon_budget: float
+    def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_round: _Optional[int] = ..., epsilon: _Optional[float] = ..., num_records: _Optional[int] = ..., no_dp: _Optional[bool] = ..., declined: _Optional[str] = ..., pii_scrubbed: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("worker_id", "eval_loss", "records")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    eval_loss: float
+    records: int
+    def __init__(self, worker_id: _Optional[str] = ..., eval_loss: _Optional[float] = ..., records: _Optional[int] = ...) -> None: ...
+
+class Decline(_message.Message):
+    __slots__ = ("worker_id", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "participants", "buffer_bytes", "eligible", "reason", "seconds", "bytes_received", "mask_recovery")
+    __slots__ = ("round", "state", "participants", "buffer_bytes", "eligible", "reason", "seconds", "bytes_received", "mask_recovery", "evaluations", "eval_loss", "declines")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -431,6 +457,9 @@ class RoundStatus(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MASK_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DECLINES_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
@@ -440,7 +469,10 @@ class RoundStatus(_message.Message):
     seconds: float
     bytes_received: int
     mask_recovery: MaskRecovery
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., buffer_bytes: _Optional[int] = ..., eligible: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., seconds: _Optional[float] = ..., bytes_received: _Optional[int] = ..., mask_recovery: _Optional[_Union[MaskRecovery, _Mapping]] = ...) -> None: ...
+    evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    eval_loss: float
+    declines: _containers.RepeatedCompositeFieldContainer[Decline]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., buffer_bytes: _Optional[int] = ..., eligible: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., seconds: _Optional[float] = ..., bytes_received: _Optional[int] = ..., mask_recovery: _Optional[_Union[MaskRecovery, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., eval_loss: _Optional[float] = ..., declines: _Optional[_Iterable[_Union[Decline, _Mapping]]] = ...) -> None: ...
 
 class MaskRecovery(_message.Message):
     __slots__ = ("threshold", "phase", "members", "survivors", "dropped", "revealed_by")
@@ -459,7 +491,7 @@ class MaskRecovery(_message.Message):
     def __init__(self, threshold: _Optional[int] = ..., phase: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., revealed_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation_id", "current_round", "workers", "rounds", "buffer_bytes_total", "min_workers", "keep_rounds", "buffers_locked", "finished", "secure_aggregation")
+    __slots__ = ("federation_id", "current_round", "workers", "rounds", "buffer_bytes_total", "min_workers", "keep_rounds", "buffers_locked", "finished", "secure_aggregation", "baseline_evaluations")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -470,6 +502,7 @@ class GetStatusResponse(_message.Message):
     BUFFERS_LOCKED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     current_round: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
@@ -480,7 +513,26 @@ class GetStatusResponse(_message.Message):
     buffers_locked: bool
     finished: bool
     secure_aggregation: SecureAggregation
-    def __init__(self, federation_id: _Optional[str] = ..., current_round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., buffer_bytes_total: _Optional[int] = ..., min_workers: _Optional[int] = ..., keep_rounds: _Optional[int] = ..., buffers_locked: _Optional[bool] = ..., finished: _Optional[bool] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+    baseline_evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    def __init__(self, federation_id: _Optional[str] = ..., current_round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., buffer_bytes_total: _Optional[int] = ..., min_workers: _Optional[int] = ..., keep_rounds: _Optional[int] = ..., buffers_locked: _Optional[bool] = ..., finished: _Optional[bool] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., baseline_evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
+
+class ReportEvaluationRequest(_message.Message):
+    __slots__ = ("round", "worker_id", "eval_loss", "records")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    worker_id: str
+    eval_loss: float
+    records: int
+    def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[str] = ..., eval_loss: _Optional[float] = ..., records: _Optional[int] = ...) -> None: ...
+
+class ReportEvaluationResponse(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class AdvertiseMaskKeysRequest(_message.Message):
     __slots__ = ("round", "keys")

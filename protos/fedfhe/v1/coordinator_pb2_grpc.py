@@ -106,6 +106,11 @@ class CoordinatorServiceStub:
                 request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.SerializeToString,
                 response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/fedfhe.v1.CoordinatorService/ReportEvaluation',
+                request_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.SerializeToString,
+                response_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -214,6 +219,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """A worker's held-out loss of a round's global adapter, for the operator's view.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +293,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.RevealMaskShares,
                     request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.FromString,
                     response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.FromString,
+                    response_serializer=fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -641,6 +658,33 @@ class CoordinatorService:
             '/fedfhe.v1.CoordinatorService/RevealMaskShares',
             fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesRequest.SerializeToString,
             fedfhe_dot_v1_dot_coordinator__pb2.RevealMaskSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfhe.v1.CoordinatorService/ReportEvaluation',
+            fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.SerializeToString,
+            fedfhe_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,
