@@ -19,6 +19,10 @@ class NotFound(FedfheError):
     """The request names something that does not exist (session, round, weight matrix)."""
 
 
+class AlreadyExists(FedfheError):
+    """The caller tries to create what already exists (a second live session of one worker)."""
+
+
 class ResourceExhausted(FedfheError):
     """A size, count or rate limit was exceeded."""
 

@@ -46,7 +46,14 @@ from types import TracebackType
 import structlog
 
 from common.chunks import Assembler, ChunkLike
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from common.secagg import MemberKeys, RevealedShare, SecAggError
 from common.training import TrainingConfig
 from common.updates import MAX_PARTICIPANTS, NONCE_BYTES, TensorLayout, UpdateFormatError
@@ -368,8 +375,17 @@ class Federation:
         return worker
 
     def connect(self, name: str) -> asyncio.Queue[Event]:
-        """Open a watch stream for a registered worker (or an operator, name None-like '')."""
-        queue = self._watch(self.worker(name).watchers)
+        """Open the watch stream of a registered worker: one at a time.
+
+        A second process presenting the same certificate is refused (ALREADY_EXISTS) rather than silently
+        sharing the worker's rounds: two processes would train and submit under one name. A worker whose
+        old stream has not yet been noticed gone (keepalive: under a minute) retries until it is.
+        """
+        worker = self.worker(name)
+        if worker.connected:
+            raise AlreadyExists(f"worker {name!r} is already connected: another process with the same "
+                                "certificate? (a reconnect is accepted once the old stream is gone)")
+        queue = self._watch(worker.watchers)
         if self.finished:
             return queue
         rnd = self.open_round

@@ -317,6 +317,24 @@ async def test_rounds_script_starts_watches_and_finishes(federation) -> None:
     assert fed.finished
 
 
+async def test_rounds_run_shows_epsilon_and_the_held_out_loss(federation) -> None:
+    """`rounds.py run`: ε per hospital survives rich's markup (it once ate the [..] list), then the eval loss."""
+    running, _fed, op, add = federation
+    a, b = await add("a"), await add("b")
+    await op.wait_connected(["a", "b"])
+    run = asyncio.create_task(run_script("--insecure", "--coordinator", running.address, "run", "--rounds", "1",
+                                         "--eval-wait", "60"))
+    for w in (a, b):
+        await w.next_event("started")
+        await w.submit(1)
+    await a.next_event("closed")
+    await a.client.report_evaluation(1, "a", 4.25, 10)
+    await b.client.report_evaluation(1, "b", 4.75, 30)
+    code, out = await run
+    assert code == 0 and "samples from [a ε 1.50, b ε 1.50]" in out, out
+    assert "held-out loss 4.625 (2 hospital(s))" in out, out
+
+
 async def test_a_refused_second_upload_keeps_the_first_and_an_abandoned_one_lets_the_round_close(federation) -> None:
     _, fed, op, add = federation
     a, b = await add("a"), await add("b")

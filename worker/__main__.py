@@ -29,7 +29,7 @@ from worker.config import GenerateConfig, JoinConfig
 from worker.coordinator_client import CoordinatorClient
 from worker.data import load_records
 from worker.federation import FederatedWorker, adapter_tensors, lora_config, open_patch
-from worker.lora import load_lora_state_dict
+from worker.lora import load_lora_state_dict, lora_state_dict
 from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer
 from worker.scrub import Scrubber
@@ -56,17 +56,27 @@ def run_generate(cfg: GenerateConfig) -> int:
         lora, state, round_ = asyncio.run(global_adapter(cfg))  # fails before any model exists
     runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), lora, fhe_target=cfg.fhe, channel=cfg)
     try:
-        if state is not None:
-            load_lora_state_dict(runtime.model, state)  # strict: a mismatched adapter is refused whole
+        base_state = lora_state_dict(runtime.model)  # B = 0: the base model
         tok = tokenizer(cfg.model)
         ids = torch.tensor([tok.encode(cfg.prompt)])
-        start = time.perf_counter()
-        out = generate(runtime.model, ids, cfg.max_new_tokens, eos_id=tok.eos_token_id)
-        seconds = time.perf_counter() - start
-        new = out[ids.shape[1]:]
-        log.info("generated", mode=cfg.mode, tokens=len(new), seconds=round(seconds, 2), adapter_round=round_,
-                 bytes_up=runtime.client.bytes_up if runtime.client else 0)
-        print(tok.decode(new))
+
+        def run(adapter: dict[str, torch.Tensor], what: str) -> str:
+            load_lora_state_dict(runtime.model, adapter)  # strict: a mismatched adapter is refused whole
+            start = time.perf_counter()
+            out = generate(runtime.model, ids, cfg.max_new_tokens, eos_id=tok.eos_token_id)
+            seconds = time.perf_counter() - start
+            new = out[ids.shape[1]:]
+            log.info("generated", mode=cfg.mode, what=what, tokens=len(new), seconds=round(seconds, 2),
+                     ms_per_token=round(1e3 * seconds / max(1, len(new)), 1), adapter_round=round_,
+                     bytes_up=runtime.client.bytes_up if runtime.client else 0)
+            return tok.decode(new)
+
+        if not cfg.compare_base:
+            print(run(state if state is not None else base_state, "adapter" if state is not None else "base"))
+        else:
+            print(f"base model:        {run(base_state, 'base')!r}")
+            if state is not None:
+                print(f"federated adapter: {run(state, 'adapter')!r}  (round {round_})")
     finally:
         runtime.close()
     return 0
@@ -117,7 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         log.error("worker stopped", code=exc.code().name, error=exc.details())
         print(f"fedfhe-worker: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 3
+        return 2 if refused_setup(exc) else 3
+
+
+# What the coordinator refuses because of this worker's own setup (exit 2, like a bad flag): a certificate it does
+# not know or enroll, a wrong consortium key, a second process under the same certificate.
+_SETUP_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS)
+
+
+def refused_setup(exc: grpc.aio.AioRpcError) -> bool:
+    return exc.code() in _SETUP_CODES or (exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                                          and "consortium key" in (exc.details() or ""))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,27 @@ class WorkerConfig(ChannelConfig, LogConfig):
     def validate(self) -> None:
         if self.mode == "fhe" and not self.fhe:
             raise ConfigError("--mode fhe needs the FHE node's address: --fhe HOST:PORT")
+        if self.tls_dir is not None and self.identity:
+            missing = [n for n in ("ca.pem", f"{self.identity}.pem", f"{self.identity}.key")
+                       if not (self.tls_dir / n).is_file()]
+            if missing:
+                raise ConfigError(f"{', '.join(missing)} not found in {self.tls_dir}: ask your federation admin for "
+                                  f"ca.pem, {self.identity}.pem and {self.identity}.key (do not run fedfhe-certs "
+                                  "yourself: it would make a new CA that nobody trusts)")
+        if self.log_file is not None:
+            writable_dir(self.log_file, "--log-file")
+
+
+def readable_file(path: Path, flag: str) -> None:
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{flag} {path}: no such readable file")
+
+
+def writable_dir(path: Path, flag: str) -> None:
+    """The file may not exist yet, but its directory must (found out now, not after a round of training)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the directory {parent} does not exist or is not writable")
 
 
 @dataclass(frozen=True)
@@ -34,11 +56,14 @@ class GenerateConfig(WorkerConfig):
     min_aggregate: int = opt(2, help="open only aggregates of at least this many hospitals")
     prompt: str = opt("", help="text to continue")
     max_new_tokens: int = opt(20, help="tokens to generate")
+    compare_base: bool = opt(False, help="also generate with the base model (no adapter), in the same run")
 
     def validate(self) -> None:
         super().validate()
         if bool(self.coordinator) != (self.consortium_key is not None):
             raise ConfigError("--coordinator and --consortium-key go together (the adapter is encrypted)")
+        if self.consortium_key is not None:
+            readable_file(self.consortium_key, "--consortium-key")
         if not self.prompt:
             raise ConfigError("--prompt is required")
         if self.round < 0 or self.max_new_tokens < 1:
@@ -88,6 +113,13 @@ class JoinConfig(WorkerConfig):
         if not self.no_dp and self.privacy_ledger is None:
             raise ConfigError("--privacy-ledger FILE is required with DP: it keeps the epsilon spent across "
                               "restarts (a restarted worker must not start again from 0)")
+        readable_file(self.data, "--data")
+        readable_file(self.consortium_key, "--consortium-key")
+        if self.eval_data is not None:
+            readable_file(self.eval_data, "--eval-data")
+        for path, flag in ((self.privacy_ledger, "--privacy-ledger"), (self.metrics_file, "--metrics-file")):
+            if path is not None:
+                writable_dir(path, flag)
         try:
             self.dp_settings()
         except ValueError as exc:

@@ -128,9 +128,13 @@ class CoordinatorClient(RpcClient):
                     return
                 log.warning("round stream ended without the federation finishing; reconnecting")
             except grpc.aio.AioRpcError as exc:
-                if not retryable(exc) or backoff.exhausted:
+                # ALREADY_EXISTS: this worker's previous stream is still registered (or another process uses its
+                # certificate): worth retrying until the coordinator notices the old stream gone, then fatal.
+                again = retryable(exc) or exc.code() == grpc.StatusCode.ALREADY_EXISTS
+                if not again or backoff.exhausted:
                     raise
-                log.warning("coordinator unreachable; reconnecting", code=exc.code().name, backoff=backoff.delay)
+                log.warning("coordinator unreachable; reconnecting", code=exc.code().name, backoff=backoff.delay,
+                            details=(exc.details() or "")[:200])
             await backoff.wait()
             await self.reconnect()
 
