@@ -4,17 +4,20 @@
 - a hospital name without its key files: a clear "ask your federation admin" instead of a traceback;
 - a second process with the same worker certificate: refused (ALREADY_EXISTS) while the first is connected;
 - a wrong consortium key at join: exit 2 (a setup error), as the README says;
-- `generate --compare-base`: the base model and the federated adapter from one run.
+- `generate --compare-base`: the base model and the federated adapter from one run;
+- evaluation off the round's critical path: a round started at once does not wait for the last one's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import grpc
 import pytest
-from fedkit import RpcWorker, make_data, start_coordinator
+from fedkit import FAST, RecordingWorker, RpcWorker, federation, make_data, start_coordinator
 
 from common.certs import make_federation_pki
 from common.updates import ConsortiumKey, write_key_file
@@ -107,3 +110,32 @@ def test_generate_compares_with_the_base_model_in_one_run(capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("base model:")
     assert not out.splitlines()[0].rstrip().endswith("''")  # it generated something
+
+
+class SlowEvaluator(RecordingWorker):
+    """Evaluates slowly (a hospital evaluating through the FHE node): only a new round makes it stop early."""
+
+    def evaluate_adapter(self, round_, cfg, should_stop=None):  # type: ignore[no-untyped-def]
+        if should_stop is not None:
+            deadline = time.monotonic() + 20
+            while not should_stop() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if should_stop():
+                return None
+        return super().evaluate_adapter(round_, cfg, should_stop)
+
+
+async def test_evaluation_is_off_the_next_rounds_critical_path(tmp_path: Path) -> None:
+    """A round started right after the last one closes does not wait for its evaluation; the loss comes after."""
+    names = ["hospital-1", "hospital-2"]
+    async with federation(tmp_path, names, Settings(min_workers=2, deadline_seconds=120),
+                          classes={"hospital-1": SlowEvaluator}) as fx:
+        assert (await fx.op.round(FAST)).outcome == 1
+        assert (await fx.op.round(FAST)).outcome == 1  # started at once: hospital-1 was still "evaluating" round 1
+        await fx.finish()
+        events = [json.loads(line) for line in (fx.data / "hospital-1.metrics.jsonl").read_text().splitlines()]
+        order = [(e["event"], e.get("round")) for e in events if e["event"] in ("submitted", "evaluated")]
+        assert order.index(("submitted", 2)) < order.index(("evaluated", 1))  # trained first, evaluated after
+        assert ("evaluated", 2) in order
+        status = await fx.op.status()
+        assert all({e.worker_id for e in r.evaluations} == set(names) for r in status.rounds)

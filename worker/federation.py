@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,6 +136,8 @@ class FederatedWorker:
         self.backoff = Backoff(cfg.reconnect_seconds, first=0.5)
         self.node_failures = 0  # FHE answers that failed verification (each ends that node's session)
         self._round_task: asyncio.Task[None] | None = None
+        self._evaluation: tuple[asyncio.Task[None], threading.Event] | None = None  # running in the background
+        self._eval_owed: tuple[int, TrainingConfig] | None = None  # interrupted by the next round
         self._mask_inbox: asyncio.Queue[coordinator_pb2.WatchRoundsResponse | None] = asyncio.Queue()
         self._secrets: dict[int, MemberSecrets] = {}  # secure aggregation: this worker's, per round
         self._identity: tuple[Signer, x509.Certificate] | None = None
@@ -179,28 +182,62 @@ class FederatedWorker:
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 
-    def evaluate_adapter(self, round_: int, cfg: TrainingConfig) -> float | None:
-        """Held-out loss of the current global adapter, recorded as the round's eval loss (None: none)."""
-        if not self.held_out or self.runtime is None:
+    def evaluate_adapter(self, round_: int, cfg: TrainingConfig,
+                         should_stop: Callable[[], bool] | None = None) -> float | None:
+        """Held-out loss of the global adapter, recorded as the round's eval loss (None: none, or stopped)."""
+        if not self.held_out or self.runtime is None or self.global_state is None:
             return None
+        load_lora_state_dict(self.runtime.model, self.global_state)  # the global adapter, whatever trained since
         start = time.perf_counter()
         try:
-            loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id)
+            loss = held_out_loss(self.runtime.model, self.held_out, cfg.max_seq_len, pad_id=self.pad_id,
+                                 should_stop=should_stop)
         except NodeMisbehaved as exc:  # no loss is recorded from an answer that failed verification
             self.node_failed(exc, round_, "evaluation")
+            return None
+        if loss is None:
             return None
         self.metric("evaluated", round=round_, eval_loss=loss, records=len(self.held_out),
                     seconds=round(time.perf_counter() - start, 3))
         return loss
 
-    async def evaluate_and_report(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig) -> None:
-        """Evaluate the global adapter of round_ and tell the coordinator (the operator sees it in GetStatus)."""
-        loss = await asyncio.to_thread(self.evaluate_adapter, round_, cfg)
-        if loss is not None:
-            try:
-                await client.report_evaluation(round_, self.worker_id, loss, len(self.held_out))
-            except grpc.aio.AioRpcError as exc:  # the operator's view only: never worth failing a round over
-                log.warning("eval loss not reported", round=round_, code=exc.code().name)
+    async def evaluate_and_report(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig,
+                                  should_stop: Callable[[], bool] | None = None) -> bool:
+        """Evaluate the global adapter of round_ and tell the coordinator (the operator sees it in GetStatus).
+
+        False if should_stop() interrupted it (the round's evaluation is then still owed).
+        """
+        loss = await asyncio.to_thread(self.evaluate_adapter, round_, cfg, should_stop)
+        if loss is None:
+            return should_stop is None or not should_stop()
+        try:
+            await client.report_evaluation(round_, self.worker_id, loss, len(self.held_out))
+        except grpc.aio.AioRpcError as exc:  # the operator's view only: never worth failing a round over
+            log.warning("eval loss not reported", round=round_, code=exc.code().name)
+        return True
+
+    def start_evaluation(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig) -> None:
+        """Evaluate round_'s aggregate in the background, off the next round's critical path."""
+        stop = threading.Event()
+
+        async def run() -> None:
+            if not await self.evaluate_and_report(client, round_, cfg, stop.is_set):
+                self._eval_owed = (round_, cfg)  # interrupted by the next round: done after this worker submits
+        self._evaluation = (asyncio.create_task(run()), stop)
+
+    async def yield_model(self) -> None:
+        """The next round needs the model: stop a background evaluation between two batches (it is then owed)."""
+        running, self._evaluation = self._evaluation, None
+        if running is not None:
+            task, stop = running
+            stop.set()
+            await task
+
+    async def pay_owed_evaluation(self, client: CoordinatorClient) -> None:
+        """An evaluation the next round interrupted, now that this worker's update is in (or at the end)."""
+        owed, self._eval_owed = self._eval_owed, None
+        if owed is not None:
+            await self.evaluate_and_report(client, *owed)
 
     # ---- the FHE node -----------------------------------------------------------------------------
 
@@ -250,8 +287,10 @@ class FederatedWorker:
         self.applied_round = patch.header.round
         return mean
 
-    async def sync(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig) -> str | None:
-        """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, evaluate).
+    async def sync(self, client: CoordinatorClient, round_: int, cfg: TrainingConfig, *,
+                   evaluate: bool = True) -> str | None:
+        """Make the aggregate of `round_` the current global adapter (fetch, verify, apply, and evaluate it
+        unless the caller evaluates it itself).
 
         Returns why it could not (the current adapter is then kept), or None.
         """
@@ -277,7 +316,8 @@ class FederatedWorker:
             fields["lora_aggregation_error"] = aggregation_error(
                 self.runtime, {k: v for k, v in mean.items() if k.startswith("sketch.")}, cfg.lora_seed)
         self.metric("applied", round=round_, **fields)
-        await self.evaluate_and_report(client, round_, cfg)
+        if evaluate:
+            await self.evaluate_and_report(client, round_, cfg)
         return None
 
     async def decline(self, client: CoordinatorClient, round_: int, why: str) -> None:
@@ -439,6 +479,7 @@ class FederatedWorker:
             self.metric("refused", **fields, reason=exc.details())  # late: it catches up next round
             return
         self.metric("submitted", **fields, update_bytes=sent, bytes_up=sent + fhe_up)
+        await self.pay_owed_evaluation(client)  # while the other hospitals finish the round
         if runtime.client is not None and self.cfg.rotate_seed_rounds and r % self.cfg.rotate_seed_rounds == 0:
             # While the other hospitals finish this round: the next round's products use a new A.
             self._rotation = asyncio.create_task(asyncio.to_thread(self.rotate_seed))
@@ -479,6 +520,7 @@ class FederatedWorker:
                 kind = event.WhichOneof("event")
                 if kind == "started":
                     await self.settle_round()
+                    await self.yield_model()
                     # The round runs as its own task: its secure-aggregation events arrive on this stream meanwhile.
                     self._round_task = asyncio.create_task(self.on_started(client, event.started))
                 elif kind in ("mask_keys", "mask_shares"):
@@ -495,9 +537,17 @@ class FederatedWorker:
                                 aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
                     if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
                         await self.settle_rotation()
-                        await self.sync(client, closed.round, self.round_cfg)  # a rejected one keeps the adapter
+                        await self.yield_model()
+                        # Applied now (a rejected one keeps the adapter); evaluated in the background, so a
+                        # round the operator starts at once does not wait for it.
+                        if await self.sync(client, closed.round, self.round_cfg, evaluate=False) is None:
+                            self.start_evaluation(client, closed.round, self.round_cfg)
                 elif kind == "finished":
                     await self.settle_round()
+                    if self._evaluation is not None:
+                        await self._evaluation[0]  # the last round's loss, in full
+                        self._evaluation = None
+                    await self.pay_owed_evaluation(client)
                     self.metric("finished", last_round=event.finished.last_round,
                                 epsilon=self.trainer.epsilon if self.trainer else 0.0)
                     return True

@@ -25,7 +25,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,12 +329,18 @@ class Trainer:
 
 @torch.no_grad()
 def held_out_loss(model: SplitLlama, records: Sequence[Sequence[int]], max_len: int, batch_size: int = 8,
-             pad_id: int = 0) -> float:
-    """Mean next-token cross-entropy per target token over records (held-out notes)."""
+                  pad_id: int = 0, should_stop: Callable[[], bool] | None = None) -> float | None:
+    """Mean next-token cross-entropy per target token over records (held-out notes).
+
+    None if should_stop() turned true between two batches (the caller needs the model back).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(records), batch_size):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            return None
         ids, mask = pad_batch(records[start:start + batch_size], max_len, pad_id)
         logits = model(ids, mask)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
