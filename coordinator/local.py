@@ -316,6 +316,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in report["rounds"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -328,6 +329,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     ax2.axhline(report["settings"]["epsilon"], ls="--", c="grey", label="budget")
     ax2.set(xlabel="round", ylabel="ε spent", title="differential privacy")
     ax2.legend()
+    for ax in (ax1, ax2):  # rounds are whole numbers: no 0.5, 1.5, ... ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
