@@ -644,7 +644,7 @@ class Federation:
             except FailedPrecondition as exc:
                 self._finalize(rnd, False, f"{n} update(s) {how}; {exc}")
                 return
-            rnd.state, rnd.reason = RoundState.UNMASKING, f"{n} update(s) {how}; removing the masks"
+            rnd.state, rnd.reason = RoundState.UNMASKING, f"{n} update(s), closed {how}"
             log.info("unmasking", round=rnd.number, survivors=rnd.mask.survivors, dropped=rnd.mask.dropped)
             for k in rnd.mask.survivors:
                 self._send(k, UnmaskEvent(rnd.number, tuple(rnd.mask.survivors)))
@@ -768,8 +768,8 @@ class Federation:
         assert rnd.accumulator is not None
         rnd.accumulator.transform(mask.remove_masks)  # RecoveryError: too few or inconsistent shares
         dropped = f"; masks of {', '.join(mask.dropped)} recovered from shares" if mask.dropped else ""
-        self._finalize(rnd, True, f"{len(mask.survivors)} update(s), unmasked with {len(mask.reveals)} of "
-                                  f"{len(mask.survivors)} survivors' shares (threshold {mask.threshold}){dropped}")
+        self._finalize(rnd, True, f"{rnd.reason}; unmasked with {len(mask.reveals)} of {len(mask.survivors)} "
+                                  f"survivors' shares (threshold {mask.threshold}){dropped}")
 
     def finish(self) -> int:
         """End the federation: close an unfinished round first (failing one still removing masks)."""

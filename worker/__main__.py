@@ -54,7 +54,8 @@ def run_generate(cfg: GenerateConfig) -> int:
     lora, state, round_ = None, None, 0
     if cfg.coordinator:
         lora, state, round_ = asyncio.run(global_adapter(cfg))  # fails before any model exists
-    runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), lora, fhe_target=cfg.fhe, channel=cfg)
+    runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), lora, fhe_target=cfg.fhe, channel=cfg,
+                    pad_pool_bytes=cfg.pad_pool_mb << 20)
     try:
         base_state = lora_state_dict(runtime.model)  # B = 0: the base model
         tok = tokenizer(cfg.model)

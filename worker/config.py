@@ -21,10 +21,14 @@ class WorkerConfig(ChannelConfig, LogConfig):
                     choices=list(MODES))
     model: str = opt("tiny", help="base model", choices=list(MODEL_IDS))
     param_set: str = opt("exact", help="LWE parameter set", choices=sorted(PARAM_SETS))
+    pad_pool_mb: int = opt(512, help="fhe mode: the most memory (MiB) the pads made ahead by a background thread "
+                                     "may take (0: make each pad when its product needs it)")
 
     def validate(self) -> None:
         if self.mode == "fhe" and not self.fhe:
             raise ConfigError("--mode fhe needs the FHE node's address: --fhe HOST:PORT")
+        if not 0 <= self.pad_pool_mb <= 1 << 20:
+            raise ConfigError("--pad-pool-mb must be in [0, 1048576]")
         if self.tls_dir is not None and self.identity:
             missing = [n for n in ("ca.pem", f"{self.identity}.pem", f"{self.identity}.key")
                        if not (self.tls_dir / n).is_file()]

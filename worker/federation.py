@@ -163,7 +163,8 @@ class FederatedWorker:
             return self.runtime
         self.runtime = self.runtime_factory(self.cfg.mode, self.cfg.model, by_name(self.cfg.param_set), lora,
                                             fhe_target=self.cfg.fhe, channel=self.cfg,
-                                            reconnect_seconds=self.cfg.reconnect_seconds)
+                                            reconnect_seconds=self.cfg.reconnect_seconds,
+                                            pad_pool_bytes=self.cfg.pad_pool_mb << 20)
         self.lora = lora
         client = self.runtime.client
         if client is not None:  # every hint in one stream up front: the first steps do not stall on them

@@ -13,6 +13,7 @@ quantized per token. The engine supplies W_int·X_int exactly:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +23,7 @@ import torch
 
 from common.errors import NodeMisbehaved
 from common.lwe import scheme
+from common.lwe.pads import PadPool
 from common.lwe.params import LweParams
 from common.lwe.prg import Randomness, expand_a
 from common.lwe.quant import dequantize_product, quantize_tokens
@@ -120,39 +122,58 @@ def check_node_meta(key: WeightKey, theirs: StageMeta, ours: StageMeta) -> None:
         raise PlanMismatch(f"the node's plan for {key} differs from the public weights': {', '.join(wrong)}")
 
 
+def training_order(weights: PublicWeights) -> list[WeightKey]:
+    """The weight matrices in the order a training step multiplies by them: forward, then backward."""
+    fwd = [WeightKey(layer, stage, Direction.FORWARD) for layer in range(weights.num_layers) for stage in Stage]
+    bwd = [WeightKey(k.layer, k.stage, Direction.BACKWARD) for k in reversed(fwd)]
+    return fwd + bwd
+
+
 class FheEngine:
     """Encrypted products: fresh secret per batch, the node sees only B, and every answer is verified.
 
     The plan (bit widths, Δ, row scales) is this worker's own, from the public weights; the node's
-    hint header must agree with it. Each hint is Freivalds-checked once per seed before first use,
-    each product before it is decrypted (common.lwe.verify); a failure raises NodeMisbehaved and
-    leaves nothing decrypted. The check rows are drawn afresh whenever the node's seed changes.
+    hint header must agree with it. Each hint is Freivalds-checked once per seed before first use
+    (and before any pad is made with it), each product before it is decrypted (common.lwe.verify);
+    a failure raises NodeMisbehaved and leaves nothing decrypted. The check rows are drawn afresh
+    whenever the node's seed changes.
+
+    The data-independent work of each encryption (A·S + E, H·S) comes from a pool of pads a
+    background thread makes ahead (common.lwe.pads), at most `pool_bytes` of them; what is left
+    online per product is Δ·X, Y − H·S and the rounding. pool_bytes=0: every pad is made on demand.
     """
 
-    def __init__(self, node: RemoteNode, weights: PublicWeights, rng: Randomness | None = None) -> None:
+    def __init__(self, node: RemoteNode, weights: PublicWeights, rng: Randomness | None = None, *,
+                 pool_bytes: int = 0, chunk_tokens: int = 128) -> None:
         self.node, self.weights = node, weights
-        self._rng = rng
+        self._rng = _locked(rng) if rng is not None else None  # the pool's thread draws from it too
         self._seed = b""
         self._a: dict[int, np.ndarray] = {}
         self._verified: set[WeightKey] = set()
+        self._lock = threading.RLock()  # the caches below are shared with the pool's thread
         self.verifier = Verifier(self._matrix, node.params)
+        self.pool = PadPool(self._make_pad, training_order(weights), limit_bytes=pool_bytes,
+                            chunk_tokens=chunk_tokens)
 
     def _matrix(self, key: Hashable) -> np.ndarray:
         assert isinstance(key, WeightKey)
         return self.weights.matrix(key)
 
     def _epoch(self) -> None:
-        """A new seed: new A, hints not yet verified, new secret check rows."""
-        if self.node.seed != self._seed:
-            self._seed, self._a = self.node.seed, {}
-            self._verified.clear()
-            self.verifier.close()
-            self.verifier = Verifier(self._matrix, self.node.params)
+        """A new seed: new A, hints not yet verified, new secret check rows, no pad of the old (A, H)."""
+        with self._lock:
+            if self.node.seed != self._seed:
+                self._seed, self._a = self.node.seed, {}
+                self._verified.clear()
+                self.verifier.close()
+                self.verifier = Verifier(self._matrix, self.node.params)
+                self.pool.reset()
 
     def _public_a(self, cols: int) -> np.ndarray:
-        if cols not in self._a:
-            self._a[cols] = expand_a(self._seed, cols, self.node.params)
-        return self._a[cols]
+        with self._lock:
+            if cols not in self._a:
+                self._a[cols] = expand_a(self._seed, cols, self.node.params)
+            return self._a[cols]
 
     def meta(self, key: WeightKey) -> StageMeta:
         return own_meta(self.weights, self.node.params, key)
@@ -160,18 +181,44 @@ class FheEngine:
     def _hint(self, key: WeightKey, ours: StageMeta) -> np.ndarray:
         theirs, h = self.node.hint(key)
         check_node_meta(key, theirs, ours)
-        if key not in self._verified:
-            self.verifier.check_hint(key, self._public_a(ours.cols), h)
-            self._verified.add(key)
+        with self._lock:
+            if key not in self._verified:
+                self.verifier.check_hint(key, self._public_a(ours.cols), h)
+                self._verified.add(key)
         return h
+
+    def _make_pad(self, key: Hashable, tokens: int) -> scheme.Pad:
+        assert isinstance(key, WeightKey)
+        if not self._seed:  # before the first product: nothing to make pads for yet
+            self._epoch()
+        meta = self.meta(key)
+        h = self._hint(key, meta)  # verified before any pad depends on it
+        kwargs = {"rng": self._rng} if self._rng is not None else {}
+        return scheme.make_pad(self.node.params, self._public_a(meta.cols), h, tokens, **kwargs)
 
     def product(self, key: WeightKey, x_int: np.ndarray) -> np.ndarray:
         self._epoch()
         meta = self.meta(key)
-        h = self._hint(key, meta)
+        self._hint(key, meta)
         p = self.node.params
-        kwargs = {"rng": self._rng} if self._rng is not None else {}
-        enc = scheme.encrypt(p, self._public_a(meta.cols), x_int, meta.delta_bits, **kwargs)
-        y = self.node.multiply(key, enc.b)
-        self.verifier.check_product(key, enc.b, y)  # before anything is decrypted
-        return scheme.decrypt(p, y, h, enc.s, meta.delta_bits)
+        pad = self.pool.take(key, x_int.shape[1])
+        try:
+            b = scheme.seal(p, pad, x_int, meta.delta_bits)
+            y = self.node.multiply(key, b)
+            self.verifier.check_product(key, b, y)  # before anything is decrypted
+            return scheme.unseal(p, pad, y, meta.delta_bits)
+        finally:
+            pad.zeroize()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _locked(rng: Randomness) -> Randomness:
+    """A randomness source two threads may draw from (a deterministic one keeps its stream in order)."""
+    lock = threading.Lock()
+
+    def draw(n: int) -> bytes:
+        with lock:
+            return rng(n)
+    return draw

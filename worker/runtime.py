@@ -23,21 +23,28 @@ class Runtime:
     model: SplitLlama
     weights: ModelWeights
     client: FheClient | None
+    engine: FheEngine | None = None
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()  # stops the pad pool and zeroes its pads
         if self.client is not None:
             self.client.close()
 
 
+DEFAULT_PAD_POOL_BYTES = 512 << 20
+
+
 def build(mode: str, model_id: str, params: LweParams, lora: LoraConfig | None = None, *,
-          fhe_target: str = "", channel: ChannelConfig | None = None, reconnect_seconds: float = 60.0) -> Runtime:
+          fhe_target: str = "", channel: ChannelConfig | None = None, reconnect_seconds: float = 60.0,
+          pad_pool_bytes: int = DEFAULT_PAD_POOL_BYTES) -> Runtime:
     """fhe: base linears on the node over LWE; local: the worker multiplies the same int weights; float: reference.
 
     fhe_target may list several nodes, comma-separated: the worker moves to the next one when a node's
     answer fails verification.
     """
     weights = load_model(model_id)
-    client = None
+    client, engine = None, None
     if mode == "fhe":
         if not fhe_target:
             raise ValueError("fhe mode needs the FHE node's address (--fhe HOST:PORT)")
@@ -45,14 +52,15 @@ def build(mode: str, model_id: str, params: LweParams, lora: LoraConfig | None =
         client = FheClient([t.strip() for t in fhe_target.split(",") if t.strip()],
                            channel or ChannelConfig(insecure=True), params, model_id,
                            weights_digest=public.digest, reconnect_seconds=reconnect_seconds)
-        base: Any = QuantizedLinears(FheEngine(client, public))
+        engine = FheEngine(client, public, pool_bytes=pad_pool_bytes)
+        base: Any = QuantizedLinears(engine)
     elif mode == "local":
         base = QuantizedLinears(LocalEngine(PublicWeights(weights), params))
     elif mode == "float":
         base = FloatLinears(weights)
     else:
         raise ValueError(f"unknown compute mode {mode!r}; one of {MODES}")
-    return Runtime(SplitLlama(weights, base, lora), weights, client)
+    return Runtime(SplitLlama(weights, base, lora), weights, client, engine)
 
 
 class ByteTokenizer:
