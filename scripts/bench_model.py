@@ -42,6 +42,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,11 @@ def instrument_worker(probe: Probe, client: FheClient, bases: dict[str, Any]) ->
     p.patch(scheme, "sample_gaussian", lambda *a, **k: "worker.offline.sample" if p.phase else None)
     p.patch(scheme, "matmul_mod", lambda *a, **k: {"encrypt": "worker.offline.AS",
                                                    "decrypt": "worker.offline.HS"}.get(p.phase or ""))
+    # Pads: made on the critical path (the worker's thread waited for one) or ahead by the pool's thread.
+    p.patch(scheme, "make_pad", lambda *a, **k: "worker.offline.pad" if threading.current_thread()
+            is threading.main_thread() else "worker.pool.pad")
+    p.patch(scheme, "seal", lambda *a, **k: "worker.online.seal")
+    p.patch(scheme, "unseal", lambda *a, **k: "worker.online.unseal")
     # The worker's view of one remote product: encode, send, wait, receive, decode.
     p.patch(client, "multiply", lambda key, b: f"roundtrip.{_direction(key)}")
     # The Freivalds checks of every answer (products and hints) before decryption.
@@ -178,8 +184,10 @@ def instrument_worker(probe: Probe, client: FheClient, bases: dict[str, Any]) ->
 def breakdown(delta: dict[str, float], total: float) -> dict[str, float]:
     """Seconds per category of one fhe run, from the probe's counters (categories add up to total)."""
     g = lambda k: delta.get(k, 0.0)  # noqa: E731
-    offline = g("worker.offline.sample") + g("worker.offline.AS") + g("worker.offline.HS")
-    crypto = g("worker.encrypt") + g("worker.decrypt")
+    offline = (g("worker.offline.sample") + g("worker.offline.AS") + g("worker.offline.HS")
+               + g("worker.offline.pad"))  # without a pool: inside encrypt/decrypt; with one: pads made on demand
+    online = g("worker.online.seal") + g("worker.online.unseal")
+    crypto = g("worker.encrypt") + g("worker.decrypt") + g("worker.offline.pad") + online
     node = g("node.gemm.fwd") + g("node.gemm.bwd")
     ser = g("ser.worker_encode") + g("ser.node_decode") + g("ser.node_encode") + g("ser.worker_decode")
     roundtrip = g("roundtrip.fwd") + g("roundtrip.bwd")
@@ -198,7 +206,7 @@ def breakdown(delta: dict[str, float], total: float) -> dict[str, float]:
 
 
 BREAKDOWN_LABELS = {
-    "worker_crypto_offline": "worker crypto, offline (sample S,E; A·S; H·S)",
+    "worker_crypto_offline": "worker crypto, offline on the critical path (S, E; A·S; H·S; pads not made ahead)",
     "worker_crypto_online": "worker crypto, online (Δ·X + add; Y − H·S; round)",
     "worker_verify": "worker Freivalds checks of the node's answers (products, hints)",
     "worker_quantization": "worker quantize / dequantize",
@@ -344,18 +352,32 @@ class LayerClock:
 
 
 SETTLE_S = 0.05  # before each timed run: background threads (gRPC event loops) finish what the last run left
+ONLINE = "_prepared"  # the fhe backend again, its pads made before the timer starts (the online cost)
+
+
+def pads_ready(model: SplitLlama) -> Callable[[], None]:
+    """Wait until the fhe engine's pad pool has made every pad it wants (a generous bound: 10 minutes)."""
+    engine = model.base.engine
+
+    def wait() -> None:
+        engine.pool.wait_full(600)
+    return wait
 
 
 def best_runs(fns: dict[str, Callable[[], Any]], repeat: int, probe: Counters,
-              on_run: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+              on_run: Callable[[str], None] | None = None,
+              prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Interleaved: each round runs every backend once. Keeps, per backend, the fastest run's time and probe delta.
 
-    Round 0 is a warm-up (caches, BLAS buffers, the worker's A) and is not kept.
+    Round 0 is a warm-up (caches, BLAS buffers, the worker's A) and is not kept. prepare[name]() runs before
+    that backend's timer starts (e.g. waiting for the pad pool to be full: the online figure).
     """
     best: dict[str, dict[str, Any]] = {}
     values: dict[str, list[Any]] = {}
     for round_ in range(repeat + 1):
         for name, fn in fns.items():
+            if prepare and name in prepare:
+                prepare[name]()
             time.sleep(SETTLE_S)
             before = probe.snapshot()
             t0 = time.perf_counter()
@@ -422,10 +444,12 @@ def bench_forward(models: dict[str, SplitLlama], clocks: dict[str, LayerClock], 
         return fn
 
     def keep_layers(name: str) -> None:
-        per_layer[name].append(list(clocks[name].times))
+        per_layer.setdefault(name, []).append(list(clocks[name.removesuffix(ONLINE)].times))
 
     up0, down0 = client.bytes_up, client.bytes_down
-    best = best_runs({name: run(name) for name in models}, repeat, probe, on_run=keep_layers)
+    fns = {name: run(name) for name in models}
+    fns["fhe" + ONLINE] = run("fhe")  # the same model, its pads made before the timer starts
+    best = best_runs(fns, repeat, probe, on_run=keep_layers, prepare={"fhe" + ONLINE: pads_ready(models["fhe"])})
     n_tok = ids.numel()
     n_layers = len(models["fhe"].blocks)
     runs = repeat + 1
@@ -441,6 +465,8 @@ def bench_forward(models: dict[str, SplitLlama], clocks: dict[str, LayerClock], 
     out["fhe"]["probe_s"] = fhe["delta"]  # the raw counters behind parts_s
     out["ratio_fhe_vs_local"] = fhe["seconds"] / best["local"]["seconds"]
     out["ratio_fhe_vs_float"] = fhe["seconds"] / best["float"]["seconds"]
+    out["online_ratio_fhe_vs_float"] = best["fhe" + ONLINE]["seconds"] / best["float"]["seconds"]
+    out["fhe" + ONLINE]["parts_s"] = breakdown(best["fhe" + ONLINE]["delta"], best["fhe" + ONLINE]["seconds"])
     out["layer_ratio_vs_local"] = out["fhe"]["layer_ms"] / out["local"]["layer_ms"]
     out["up_bytes_per_token_per_layer"] = (client.bytes_up - up0) / runs / n_tok / n_layers
     out["down_bytes_per_token_per_layer"] = (client.bytes_down - down0) / runs / n_tok / n_layers
@@ -451,7 +477,8 @@ def bench_train(models: dict[str, SplitLlama], ids: torch.Tensor, mask: torch.Te
                 client: FheClient, lr: float) -> dict[str, Any]:
     up0, down0 = client.bytes_up, client.bytes_down
     fns = {name: (lambda m=m: train_steps(m, ids, mask, steps=1, lr=lr)[0]) for name, m in models.items()}
-    best = best_runs(fns, repeat, probe)
+    fns["fhe" + ONLINE] = fns["fhe"]
+    best = best_runs(fns, repeat, probe, prepare={"fhe" + ONLINE: pads_ready(models["fhe"])})
     runs = repeat + 1
     out: dict[str, Any] = {"tokens": ids.numel(), "layers": len(models["fhe"].blocks)}
     for name, b in best.items():
@@ -465,6 +492,8 @@ def bench_train(models: dict[str, SplitLlama], ids: torch.Tensor, mask: torch.Te
     out["ratio_fhe_vs_local"] = fhe["seconds"] / best["local"]["seconds"]
     out["ratio_fhe_vs_float"] = fhe["seconds"] / best["float"]["seconds"]
     out["verify_fraction_of_step"] = d.get("worker.verify", 0.0) / fhe["seconds"]
+    out["online_ratio_fhe_vs_float"] = best["fhe" + ONLINE]["seconds"] / best["float"]["seconds"]
+    out["fhe" + ONLINE]["parts_s"] = breakdown(best["fhe" + ONLINE]["delta"], best["fhe" + ONLINE]["seconds"])
     out["up_bytes_per_step"] = (client.bytes_up - up0) / runs
     out["down_bytes_per_step"] = (client.bytes_down - down0) / runs
     return out
@@ -509,7 +538,7 @@ def print_report(r: dict[str, Any]) -> None:
                         f"median block)")
         for col in ("backend", "forward s", "ms/token", "×local", "×float", "layer ms", "layer ms/token"):
             t.add_column(col, justify="right")
-        for name in BACKENDS:
+        for name in (*BACKENDS, "fhe" + ONLINE):
             b = f[name]
             t.add_row(name, f"{b['seconds']:.2f}", f"{b['ms_per_token']:.2f}",
                       f"{b['seconds'] / f['local']['seconds']:.1f}", f"{b['seconds'] / f['float']['seconds']:.1f}",
@@ -523,7 +552,7 @@ def print_report(r: dict[str, Any]) -> None:
         t = Table(title=f"one training step (train_steps, Adam on LoRA; {tr['tokens']} tokens, {tr['layers']} layers)")
         for col in ("backend", "step s", "×local", "×float", "loss before each step"):
             t.add_column(col, justify="right")
-        for name in BACKENDS:
+        for name in (*BACKENDS, "fhe" + ONLINE):
             b = tr[name]
             t.add_row(name, f"{b['seconds']:.2f}", f"{b['seconds'] / tr['local']['seconds']:.1f}",
                       f"{b['seconds'] / tr['float']['seconds']:.1f}", " ".join(f"{v:.4f}" for v in b["losses"]))
@@ -560,6 +589,8 @@ def main() -> int:
     ap.add_argument("--skip-stages", action="store_true", help="no per-stage section")
     ap.add_argument("--stages-only", action="store_true", help="only the per-stage section (forward hints only)")
     ap.add_argument("--skip-train", action="store_true", help="no training step (and no backward hints)")
+    ap.add_argument("--pad-pool-mb", type=int, default=512,
+                    help="the fhe engine's pool of pads made ahead (the worker's default; 0: every pad on demand)")
     ap.add_argument("--node", default="process", choices=["process", "thread"],
                     help="the node in its own process (as deployed) or on a thread of this one (one model load)")
     ap.add_argument("--insecure", action="store_true", help="plaintext gRPC instead of mTLS on loopback")
@@ -613,7 +644,8 @@ def main() -> int:
     client = FheClient(f"{target_host}:{node.port}", channel, params, mw.model_id)
     counters = Counters(probe, node)
     try:
-        bases = {"fhe": QuantizedLinears(FheEngine(client, weights)),
+        engine = FheEngine(client, weights, pool_bytes=args.pad_pool_mb << 20)
+        bases = {"fhe": QuantizedLinears(engine),
                  "local": QuantizedLinears(LocalEngine(weights, params)),
                  "float": FloatLinears(mw)}
         instrument_worker(probe, client, bases)
@@ -650,6 +682,12 @@ def main() -> int:
         if not args.skip_train and not args.stages_only:
             result["train"] = bench_train(models, ids, mask, args.repeat, counters, client, args.lr)
             print(f"training step done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        result["pad_pool"] = {"limit_mb": args.pad_pool_mb, "peak_bytes": engine.pool.peak_bytes,
+                              "made_ahead_columns": engine.pool.made_ahead,
+                              "made_on_demand_columns": engine.pool.made_on_demand,
+                              "producer_failures": engine.pool.failures}
+        result["worker_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        engine.close()
         result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
         result["cpu_pressure_after"] = cpu_pressure()
         result["seconds"] = time.perf_counter() - started
