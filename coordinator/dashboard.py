@@ -209,7 +209,8 @@ def event_text(ev: pb.WatchRoundsResponse) -> str:
     if kind == "finished":
         return f"federation finished after round {ev.finished.last_round}"
     if kind == "mask_keys":
-        return f"round {ev.mask_keys.round}: mask keys of {len(ev.mask_keys.members)} members, t={ev.mask_keys.threshold}"
+        keys = ev.mask_keys
+        return f"round {keys.round}: mask keys of {len(keys.members)} members, t={keys.threshold}"
     if kind == "mask_shares":
         return f"round {ev.mask_shares.round}: mask shares delivered, {len(ev.mask_shares.members)} members"
     if kind == "unmask":
@@ -329,6 +330,8 @@ class Hub:
         return b"data: " + json.dumps(self.snapshot(), allow_nan=False).encode() + b"\n\n"
 
     def publish(self) -> None:
+        if not self._subscribers:
+            return
         msg = self.message()
         for q in self._subscribers:
             if q.full():
@@ -518,7 +521,7 @@ def make_app(cfg: DashboardConfig, hub: Hub, token_digest: bytes | None) -> web.
                 if msg is None:
                     break
                 await resp.write(msg)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass  # the browser went away
         finally:
             hub.unsubscribe(queue)
@@ -563,10 +566,10 @@ class Dashboard:
             sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
-        self._runner = web.AppRunner(make_app(cfg, self.hub, token), access_log=None)
+        self._runner = web.AppRunner(make_app(cfg, self.hub, token), access_log=None, shutdown_timeout=2.0)
         self._runner.app.on_shutdown.append(lambda _: self._close_streams())
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=tls, shutdown_timeout=2.0).start()
+        await web.SockSite(self._runner, sock, ssl_context=tls).start()
         bound = sock.getsockname()[1]
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self.url = f"{'https' if tls else 'http'}://{address}/"

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from common.certs import make_federation_pki
-from common.config import ChannelConfig
+from common.config import ChannelConfig, is_loopback
 from common.datagen.generator import generate_dataset
 from common.models import MODEL_IDS
 from common.secagg import SCHEME
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the services log memory, descriptors and tasks this often")
     p.add_argument("--kill-worker", action="append", metavar="NAME@ROUND",
                    help="fault drill: kill this worker mid-round, restart it after the round (repeatable)")
+    p.add_argument("--dashboard", nargs="?", const="127.0.0.1:0", metavar="HOST:PORT",
+                   help="also serve the operator's live dashboard (fedfhe-dashboard, operator certificate) on this "
+                        "loopback address (default: a free port) and print its URL")
     for name in ("local_steps", "batch_size", "learning_rate", "lora_rank", "lora_alpha", "lora_targets",
                  "max_seq_len", "records", "eval_records", "round_deadline"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(PRESETS["tiny"][name]),
@@ -391,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in args.kill_worker or []:
         if "@" not in k:
             parser.error(f"--kill-worker {k!r}: expected NAME@ROUND")
+    if args.dashboard is not None and not is_loopback(args.dashboard.rpartition(":")[0].strip("[]")):
+        parser.error(f"--dashboard {args.dashboard!r}: a loopback HOST:PORT (run fedfhe-dashboard with HTTPS and a "
+                     "token to serve it beyond this machine)")
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="fedfhe-run-"))).resolve()
     for sub in ("logs", "metrics", "state"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -434,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "fhe" in modes:
             node_addr = wait_for_address(node, node_log)
         print(f"coordinator on {coord_addr}" + (f", FHE node on {node_addr}" if node_addr else "") + " (mTLS)")
+        if args.dashboard is not None:
+            dash, dash_log = _service("coordinator.dashboard", run_dir, "dashboard", "--listen", args.dashboard,
+                                      "--coordinator", coord_addr, "--identity", "operator",
+                                      *(["--fhe", node_addr] if node_addr else []))
+            procs.append(dash)  # stopped with the services at the end
+            print(f"dashboard: http://{wait_for_address(dash, dash_log, timeout=60)}/", flush=True)
         for name, mode in zip(names, modes, strict=True):
             cmd = [sys.executable, "-m", "worker", "join", "--coordinator", coord_addr, "--tls-dir",
                    str(run_dir / "pki"), "--identity", name, "--mode", mode, "--model", args.model,

@@ -137,7 +137,7 @@ class FederatedWorker:
         self.node_failures = 0  # FHE answers that failed verification (each ends that node's session)
         self._round_task: asyncio.Task[None] | None = None
         self._evaluation: tuple[asyncio.Task[None], threading.Event] | None = None  # running in the background
-        self._eval_owed: tuple[int, TrainingConfig] | None = None  # interrupted by the next round
+        self._eval_owed: list[tuple[int, TrainingConfig]] = []  # put off or interrupted: done after the next upload
         self._mask_inbox: asyncio.Queue[coordinator_pb2.WatchRoundsResponse | None] = asyncio.Queue()
         self._secrets: dict[int, MemberSecrets] = {}  # secure aggregation: this worker's, per round
         self._identity: tuple[Signer, x509.Certificate] | None = None
@@ -223,7 +223,7 @@ class FederatedWorker:
 
         async def run() -> None:
             if not await self.evaluate_and_report(client, round_, cfg, stop.is_set):
-                self._eval_owed = (round_, cfg)  # interrupted by the next round: done after this worker submits
+                self._eval_owed.append((round_, cfg))  # interrupted by the next round: done after it submits
         self._evaluation = (asyncio.create_task(run()), stop)
 
     async def yield_model(self) -> None:
@@ -235,10 +235,10 @@ class FederatedWorker:
             await task
 
     async def pay_owed_evaluation(self, client: CoordinatorClient) -> None:
-        """An evaluation the next round interrupted, now that this worker's update is in (or at the end)."""
-        owed, self._eval_owed = self._eval_owed, None
-        if owed is not None:
-            await self.evaluate_and_report(client, *owed)
+        """Evaluations a round put off (see on_started), now that this worker's update is in (or at the end)."""
+        owed, self._eval_owed = self._eval_owed, []
+        for round_, cfg in owed:
+            await self.evaluate_and_report(client, round_, cfg)
 
     # ---- the FHE node -----------------------------------------------------------------------------
 
@@ -324,6 +324,7 @@ class FederatedWorker:
     async def decline(self, client: CoordinatorClient, round_: int, why: str) -> None:
         await client.decline(self.worker_id, round_, why)
         self.metric("declined", round=round_, reason=why, epsilon=self.trainer.epsilon if self.trainer else 0.0)
+        await self.pay_owed_evaluation(client)  # the model is free: it will not train this round
 
     # ---- rounds -----------------------------------------------------------------------------------
 
@@ -437,14 +438,19 @@ class FederatedWorker:
         cfg = self.round_cfg = config_from_proto(started.config)
         runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
         assert self.trainer is not None and self.global_state is not None
-        why = await self.sync(client, started.base_round, cfg)
+        applied_before = self.applied_round
+        why = await self.sync(client, started.base_round, cfg, evaluate=False)
         load_lora_state_dict(runtime.model, self.global_state)  # a failed round's local training is dropped
         if why is not None:  # never train from an adapter the federation did not agree on
             await self.decline(client, r, why)
             return
+        # Evaluations this round owes (the base model once; an aggregate caught up with here) come after this
+        # worker's update or decline: never between the round's start and the others' mask setup and training.
+        if self.applied_round != applied_before:
+            self._eval_owed.append((self.applied_round, cfg))
         if not self.baseline_done and self.applied_round == 0:
             self.baseline_done = True
-            await self.evaluate_and_report(client, 0, cfg)
+            self._eval_owed.append((0, cfg))
         why = self.trainer.refusal(cfg)
         if why is None and time.time() * 1000 >= started.deadline_unix_ms:
             why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
