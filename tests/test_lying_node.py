@@ -237,7 +237,7 @@ def test_positive_control_an_unchecked_lie_changes_the_adapter(make, monkeypatch
     """Without the check, +q/2 in one backward product is accepted and silently changes the trained adapter."""
     honest, lying = make(None), make("+q/2 at one entry", Direction.BACKWARD)
     lying.node.armed.set()
-    monkeypatch.setattr(Verifier, "check_product", lambda *a: None)
+    monkeypatch.setattr(Verifier, "compare", lambda *a, **k: None)
     honest.trainer.train_round(dataclasses.replace(CFG, local_steps=1))
     lying.trainer.train_round(dataclasses.replace(CFG, local_steps=1))
     assert lying.node.told == 1

@@ -24,11 +24,13 @@ from common.logs import configure_logging
 from common.lwe.params import by_name
 from common.messages import config_from_proto
 from common.notes import NotesFormatError
+from common.stages import Direction
 from common.updates import load_key_file
 from worker.config import GenerateConfig, JoinConfig
 from worker.coordinator_client import CoordinatorClient
 from worker.data import load_records
 from worker.federation import FederatedWorker, adapter_tensors, lora_config, open_patch
+from worker.linears import training_order
 from worker.lora import load_lora_state_dict, lora_state_dict
 from worker.model import LoraConfig, generate
 from worker.runtime import build, tokenizer
@@ -56,6 +58,9 @@ def run_generate(cfg: GenerateConfig) -> int:
         lora, state, round_ = asyncio.run(global_adapter(cfg))  # fails before any model exists
     runtime = build(cfg.mode, cfg.model, by_name(cfg.param_set), lora, fhe_target=cfg.fhe, channel=cfg,
                     pad_pool_bytes=cfg.pad_pool_mb << 20)
+    if runtime.engine is not None:  # generation only multiplies forward: no pads for the backward matrices
+        runtime.engine.pool.reset(order=[k for k in training_order(runtime.engine.weights)
+                                         if k.direction == Direction.FORWARD])
     try:
         base_state = lora_state_dict(runtime.model)  # B = 0: the base model
         tok = tokenizer(cfg.model)

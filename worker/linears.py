@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -154,6 +155,7 @@ class FheEngine:
         self.verifier = Verifier(self._matrix, node.params)
         self.pool = PadPool(self._make_pad, training_order(weights), limit_bytes=pool_bytes,
                             chunk_tokens=chunk_tokens)
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="freivalds")
 
     def _matrix(self, key: Hashable) -> np.ndarray:
         assert isinstance(key, WeightKey)
@@ -204,14 +206,17 @@ class FheEngine:
         pad = self.pool.take(key, x_int.shape[1])
         try:
             b = scheme.seal(p, pad, x_int, meta.delta_bits)
+            # What R times the right answer must be depends only on B: computed while the node works.
+            expected = self._checks.submit(self.verifier.expected, key, b)
             y = self.node.multiply(key, b)
-            self.verifier.check_product(key, b, y)  # before anything is decrypted
+            self.verifier.compare(key, y, expected.result())  # before anything is decrypted
             return scheme.unseal(p, pad, y, meta.delta_bits)
         finally:
             pad.zeroize()
 
     def close(self) -> None:
         self.pool.close()
+        self._checks.shutdown(wait=True)
 
 
 def _locked(rng: Randomness) -> Randomness:

@@ -8,6 +8,10 @@ the backend (plain float, local quantized, or the encrypted FHE node); the
 model holds no base projection weights. Embeddings and norms are frozen
 buffers (public); LoRA adapters are ordinary `nn.Linear` modules, so Opacus
 computes their per-sample gradients with its own grad samplers.
+
+Generation keeps a KV cache on the worker (`KVCache`, `SplitLlama.forward_cached`):
+after one prefill pass over the prompt each step feeds only the new token, so
+every stage sends the node one token's ciphertext instead of the whole prefix.
 """
 
 from __future__ import annotations
@@ -117,6 +121,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V), each (B, nkv, T, hd)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Every layer's K and V of the tokens decoded so far: K after RoPE, both before the GQA repeat.
+
+    Worker-side plaintext, like every activation: the node never holds state between products.
+    """
+
+    layers: tuple[LayerKV, ...]
+
+    @property
+    def length(self) -> int:
+        """Tokens cached, which is also the absolute position of the next token."""
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+
 class Block(nn.Module):
     input_norm: torch.Tensor  # buffers (public RMSNorm weights), typed for the checker
     post_norm: torch.Tensor
@@ -140,6 +162,27 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, base: BaseLinears, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
+        """x + Attn(RMSNorm(x)), then + MLP(RMSNorm(·)), over the whole sequence x (B, T, C)."""
+        q, k, v = self._qkv(x, base, cos, sin)
+        return self._attend_and_mlp(x, base, q, k, v, mask)
+
+    def forward_cached(self, x: torch.Tensor, base: BaseLinears, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor | None, past: LayerKV | None) -> tuple[torch.Tensor, LayerKV]:
+        """The same block for the new tokens x (B, T_new, C) only, attending to past ‖ new keys and values.
+
+        K and V of position j depend on token j alone (RoPE at j, per-token base linears and LoRA), so the
+        earlier tokens' are reused from `past` and each base stage sees only the T_new new rows.
+        Returns the block's output for the new tokens and the extended (K, V).
+        """
+        q, k, v = self._qkv(x, base, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, nkv, T_past + T_new, hd)
+            v = torch.cat((past[1], v), dim=2)  # (B, nkv, T_past + T_new, hd)
+        return self._attend_and_mlp(x, base, q, k, v, mask), (k, v)
+
+    def _qkv(self, x: torch.Tensor, base: BaseLinears, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[q; k; v] = W_qkv·RMSNorm(x) (+ LoRA), then RoPE on q and k: q·cos + rotate_half(q)·sin."""
         s = self.shape
         B, T, _ = x.shape
         h = rms_norm(x, self.input_norm, s.rms_eps)
@@ -147,11 +190,20 @@ class Block(nn.Module):
         q = q.view(B, T, s.num_heads, s.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def _attend_and_mlp(self, x: torch.Tensor, base: BaseLinears, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """h = x + W_o·softmax(q·kᵀ/√hd + mask)·v, then h + W_down·(SiLU(W_gate·RMSNorm(h)) ⊙ W_up·RMSNorm(h)).
+
+        q (B, nh, T_q, hd) are the queries' rows of x (B, T_q, C); k, v (B, nkv, T_k, hd) may be longer (cache).
+        """
+        s = self.shape
+        B, T, _ = x.shape
         rep = s.num_heads // s.num_kv_heads  # grouped-query attention: each kv head serves `rep` q heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
-        att = att.transpose(1, 2).reshape(B, T, s.hidden)  # (B, T, C)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T_k, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T_q, hd)
+        att = att.transpose(1, 2).reshape(B, T, s.hidden)  # (B, T_q, C)
         (o,) = self._stage(base, Stage.O, att)
         x = x + o
         h = rms_norm(x, self.post_norm, s.rms_eps)
@@ -179,12 +231,16 @@ class SplitLlama(nn.Module):
         self.register_buffer("inv_freq", 1.0 / self.shape.rope_theta ** (torch.arange(0, hd, 2).float() / hd),
                              persistent=False)
 
+    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of θ_{p,i} = p·θ^(-2i/hd) at the absolute positions p = start … start + T − 1."""
+        freqs = torch.arange(start, start + T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos(), emb.sin()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.embed[input_ids]  # (B, T, C)
-        freqs = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = self._rope(0, T)
         mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]  # (1, 1, T, T) causal
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]  # padding keys masked out
@@ -192,6 +248,29 @@ class SplitLlama(nn.Module):
         for block in self.blocks:
             x = block(x, self.base, cos, sin, mask)
         return rms_norm(x, self.norm, self.shape.rms_eps) @ self.embed.T  # (B, T, vocab)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits (B, T_new, vocab) of the new tokens input_ids (B, T_new) after the cached ones, and the new cache.
+
+        The new tokens sit at absolute positions p = cache.length … cache.length + T_new − 1 (their RoPE
+        angles) and token p attends to every position ≤ p; with cache=None this is the prefill, equal to
+        `forward(input_ids)`. Every base stage carries the T_new new rows only: through the FHE node one
+        token's ciphertext per stage per generated token. No padding: every row of the batch has the same
+        length (`generate` decodes one sequence).
+        """
+        start = 0 if cache is None else cache.length
+        T = input_ids.shape[1]
+        x = self.embed[input_ids]  # (B, T_new, C)
+        cos, sin = self._rope(start, T)
+        # Query i (position start + i) sees key j iff j ≤ start + i; a single new token sees everything.
+        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool).tril(start)[None, None]  # (1, 1, T, T_k)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            assert isinstance(block, Block)  # for the type checker: ModuleList yields Module
+            x, kv = block.forward_cached(x, self.base, cos, sin, mask, None if cache is None else cache.layers[i])
+            layers.append(kv)
+        logits = rms_norm(x, self.norm, self.shape.rms_eps) @ self.embed.T  # (B, T_new, vocab)
+        return logits, KVCache(tuple(layers))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -221,14 +300,30 @@ def per_sequence_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_m
 
 
 @torch.no_grad()
-def generate(model: SplitLlama, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding of one sequence (recomputes the prefix each step: no KV cache)."""
+def generate(model: SplitLlama, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None, *,
+             use_cache: bool = True) -> list[int]:
+    """Greedy decoding of one sequence (input_ids[0]): t_{n+1} = argmax logits(t_1 … t_n), until eos or the limit.
+
+    With the KV cache: one prefill pass over the prompt, then one token per step (each base stage sees a
+    single row). use_cache=False recomputes the whole prefix every step: the reference it must equal.
+    """
     ids = input_ids[0].tolist()
-    for _ in range(max_new_tokens):
-        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+    if max_new_tokens <= 0:
+        return ids
+    if not use_cache:
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(nxt)
+            if nxt == eos_id:
+                break
+        return ids
+    logits, cache = model.forward_cached(input_ids[:1])
+    for n in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
         ids.append(nxt)
-        if nxt == eos_id:
-            break
+        if nxt == eos_id or n == max_new_tokens - 1:
+            break  # no forward for a token that will not be followed
+        logits, cache = model.forward_cached(torch.tensor([[nxt]]), cache)
     return ids
 
 

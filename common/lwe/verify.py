@@ -36,6 +36,7 @@ failure), and a rejected reply is never decrypted.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -65,9 +66,14 @@ class Verifier:
             raise ValueError("a Freivalds check needs at least one row")
         self._matrix, self.params, self._rng, self.vectors = matrix, params, rng, vectors
         self._rows: dict[Hashable, tuple[np.ndarray, np.ndarray, int]] = {}
+        self._lock = threading.Lock()
 
     def _prepared(self, key: Hashable) -> tuple[np.ndarray, np.ndarray, int]:
         """(R (m × d_out) int8 in {0, 1}, R·W (m × d_in) int64, max |R·W|) for this key."""
+        with self._lock:  # the worker's threads (pads, overlapped checks) may ask at once
+            return self._prepare(key)
+
+    def _prepare(self, key: Hashable) -> tuple[np.ndarray, np.ndarray, int]:
         if key not in self._rows:
             w = self._matrix(key)
             d_out = w.shape[0]
@@ -78,29 +84,35 @@ class Verifier:
             self._rows[key] = (r, rw, int(np.abs(rw).max(initial=0)))
         return self._rows[key]
 
-    def _check(self, key: Hashable, what: str, uniform: np.ndarray, answer: np.ndarray) -> None:
-        """Accept `answer` as W·uniform (mod q), or raise ReplyRejected naming how many columns are wrong."""
-        r, rw, bound = self._prepared(key)
-        d_out, d_in = r.shape[1], rw.shape[1]
-        if uniform.shape[0] != d_in or answer.shape != (d_out, uniform.shape[1]):
-            raise ReplyRejected(f"{what} for {key}: shape {answer.shape}, expected {(d_out, uniform.shape[1])}")
+    def expected(self, key: Hashable, uniform: np.ndarray) -> np.ndarray:
+        """(R·W)·uniform (mod q): what R times a correct answer must be. It depends only on what this worker
+        sends, so it can be computed while the node works (FheEngine does)."""
+        _, rw, bound = self._prepared(key)
+        if uniform.ndim != 2 or uniform.shape[0] != rw.shape[1]:
+            raise ReplyRejected(f"{key}: {uniform.shape} does not fit a matrix with {rw.shape[1]} columns")
+        return matmul_mod(rw, uniform, log_q=self.params.log_q, small="left", small_bound=bound)
+
+    def compare(self, key: Hashable, answer: np.ndarray, expected: np.ndarray, what: str = "product") -> None:
+        """Accept `answer` iff R·answer == expected in every column, else raise ReplyRejected."""
+        r, _, _ = self._prepared(key)
+        d_out = r.shape[1]
+        if answer.shape != (d_out, expected.shape[1]):
+            raise ReplyRejected(f"{what} for {key}: shape {answer.shape}, expected {(d_out, expected.shape[1])}")
         if answer.dtype != self.params.dtype:
             raise ReplyRejected(f"{what} for {key}: words of {answer.dtype}, expected {np.dtype(self.params.dtype)}")
-        log_q = self.params.log_q
-        lhs = matmul_mod(r, answer, log_q=log_q, small="left", small_bound=1)
-        rhs = matmul_mod(rw, uniform, log_q=log_q, small="left", small_bound=bound)
-        wrong = np.flatnonzero((lhs != rhs).any(axis=0))
+        lhs = matmul_mod(r, answer, log_q=self.params.log_q, small="left", small_bound=1)
+        wrong = np.flatnonzero((lhs != expected).any(axis=0))
         if wrong.size:
             raise ReplyRejected(f"{what} for {key} fails its Freivalds check in {wrong.size} of "
                                 f"{answer.shape[1]} columns (first: {int(wrong[0])}); nothing was decrypted")
 
     def check_product(self, key: Hashable, b: np.ndarray, y: np.ndarray) -> None:
         """Y = W·B (mod q) for the ciphertexts B (d_in × T) this worker sent, checked per token column."""
-        self._check(key, "product", b, y)
+        self.compare(key, y, self.expected(key, b), "product")
 
     def check_hint(self, key: Hashable, a: np.ndarray, h: np.ndarray) -> None:
         """H = W·A (mod q) for this seed's public A (d_in × n), checked per column."""
-        self._check(key, "hint", a, h)
+        self.compare(key, h, self.expected(key, a), "hint")
 
     def close(self) -> None:
         """Zero the secret rows (and what was derived from them)."""
