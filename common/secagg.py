@@ -51,12 +51,12 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from common.errors import FailedPrecondition, FedfheError, InvalidArgument, PermissionDenied
+from common.updates import bind, keystream_words
 
 SCHEME = "pairwise+self masks (Bonawitz et al. 2017), Shamir t-of-n, complete graph"
 MAX_MEMBERS = 255  # Shamir indices are 1..n
@@ -92,23 +92,9 @@ def majority(members: int) -> int:
     return members // 2 + 1
 
 
-def _bind(*fields: str | int | bytes) -> bytes:
-    out = bytearray()
-    for f in fields:
-        b = f.encode() if isinstance(f, str) else f if isinstance(f, bytes) else struct.pack("<Q", f)
-        out += struct.pack("<I", len(b)) + b
-    return bytes(out)
-
-
 def _kdf(material: bytes, label: bytes, *context: str | int | bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"fedfhe/v1/secagg/" + label + _bind(*context)).derive(material)
-
-
-def _stream(key: bytes, words: int) -> np.ndarray:
-    """PRG: words uint64 from AES-256-CTR under a one-use key (so the all-zero counter block is safe)."""
-    enc = Cipher(algorithms.AES256(key), modes.CTR(b"\x00" * 16)).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * words)), dtype="<u8").astype(np.uint64)
+                info=b"fedfhe/v1/secagg/" + label + bind(*context)).derive(material)
 
 
 def commitment(self_seed: bytes) -> bytes:
@@ -118,11 +104,11 @@ def commitment(self_seed: bytes) -> bytes:
 def keys_message(federation: str, round_: int, worker: str, cipher_public: bytes, mask_public: bytes,
                  self_commitment: bytes) -> bytes:
     """What a member signs: its keys, bound to the federation and round (a replay elsewhere fails)."""
-    return b"fedfhe/v1/secagg/keys" + _bind(federation, round_, worker, cipher_public, mask_public, self_commitment)
+    return b"fedfhe/v1/secagg/keys" + bind(federation, round_, worker, cipher_public, mask_public, self_commitment)
 
 
 def survivors_message(federation: str, round_: int, survivors: Iterable[str]) -> bytes:
-    return b"fedfhe/v1/secagg/survivors" + _bind(federation, round_, *sorted(survivors))
+    return b"fedfhe/v1/secagg/survivors" + bind(federation, round_, *sorted(survivors))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,13 +267,13 @@ def _pair_seed(private: X25519PrivateKey, peer_public: bytes, federation: str, r
 
 
 def self_mask(seed: bytes, federation: str, round_: int, words: int) -> np.ndarray:
-    return _stream(_kdf(seed, b"self", federation, round_), words)
+    return keystream_words(_kdf(seed, b"self", federation, round_), words)
 
 
 def pair_mask(private: X25519PrivateKey, owner: str, peer: MemberKeys, federation: str, round_: int,
               words: int) -> np.ndarray:
     """σ·PRG(s_owner,peer) as owner adds it: +PRG if owner sorts first, −PRG (mod 2^64) otherwise."""
-    mask = _stream(_pair_seed(private, peer.mask_public, federation, round_, owner, peer.worker), words)
+    mask = keystream_words(_pair_seed(private, peer.mask_public, federation, round_, owner, peer.worker), words)
     return mask if owner < peer.worker else (np.uint64(0) - mask)
 
 
@@ -343,7 +329,7 @@ class MemberSecrets:
                 continue
             plain = struct.pack("<H", idx) + ks + ss
             nonce = os.urandom(_NONCE)
-            aad = _bind(self.federation, self.round, self.worker, m.worker)
+            aad = bind(self.federation, self.round, self.worker, m.worker)
             out[m.worker] = nonce + AESGCM(self._share_key(m, self.worker, m.worker)).encrypt(nonce, plain, aad)
         return out
 
@@ -352,7 +338,7 @@ class MemberSecrets:
         peers = {m.worker: m for m in self.members}
         if sender not in peers or sender == self.worker:
             raise ShareError(f"a share from {sender!r}, who is not another member of the mask set")
-        aad = _bind(self.federation, self.round, sender, self.worker)
+        aad = bind(self.federation, self.round, sender, self.worker)
         try:
             plain = AESGCM(self._share_key(peers[sender], sender, self.worker)).decrypt(
                 ciphertext[:_NONCE], ciphertext[_NONCE:], aad)

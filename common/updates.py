@@ -209,7 +209,7 @@ class TensorLayout:
         return self.words - TAG_WORDS
 
 
-def _bind(*fields: str | int | bytes) -> bytes:
+def bind(*fields: str | int | bytes) -> bytes:
     """Unambiguous encoding of the context a pad or tag is bound to (length-prefixed fields)."""
     out = bytearray()
     for f in fields:
@@ -218,8 +218,8 @@ def _bind(*fields: str | int | bytes) -> bytes:
     return bytes(out)
 
 
-def _keystream_words(key: bytes, words: int) -> np.ndarray:
-    # A fresh HKDF key per stream, so the all-zero counter block is safe.
+def keystream_words(key: bytes, words: int) -> np.ndarray:
+    """`words` uint64 from AES-256-CTR under a one-use key (so the all-zero counter block is safe)."""
     enc = Cipher(algorithms.AES256(key), modes.CTR(b"\x00" * 16)).encryptor()
     return np.frombuffer(enc.update(bytes(8 * words)), dtype="<u8").astype(np.uint64)
 
@@ -232,7 +232,7 @@ def _pads(key: ConsortiumKey, kind: str, federation: str, round_: int, worker: s
           layout: TensorLayout) -> np.ndarray:
     """A contribution's pad for the whole payload: one keystream per tensor, bound to its name and shape."""
     return np.concatenate([
-        _keystream_words(key.derive(kind.encode() + b"-pad" + _bind(federation, round_, worker, nonce, name,
+        keystream_words(key.derive(kind.encode() + b"-pad" + bind(federation, round_, worker, nonce, name,
                                                                      _shape(shape))), math.prod(shape))
         for name, shape in layout.specs])
 
@@ -243,12 +243,12 @@ def _tag_vectors(key: ConsortiumKey, kind: str, federation: str, round_: int,
 
     They depend on the names and shapes of the tensors, so a header that renames or reshapes them fails.
     """
-    specs = hashlib.sha256(_bind(*(f"{n}:{_shape(s)}" for n, s in layout.specs))).digest()
+    specs = hashlib.sha256(bind(*(f"{n}:{_shape(s)}" for n, s in layout.specs))).digest()
     out = []
     for j, p in enumerate(TAG_PRIMES):
         for ell in range(TAGS_PER_PRIME):
-            sub = key.derive(kind.encode() + b"-tag" + _bind(federation, round_, j, ell) + specs)
-            out.append(_keystream_words(sub, layout.data_words + 1) % np.uint64(p))
+            sub = key.derive(kind.encode() + b"-tag" + bind(federation, round_, j, ell) + specs)
+            out.append(keystream_words(sub, layout.data_words + 1) % np.uint64(p))
     return out
 
 

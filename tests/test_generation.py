@@ -12,18 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from conftest import ServerThread
 
-from common.config import ChannelConfig, ServerConfig
 from common.lwe.params import EXACT
-from common.models import ModelWeights, load_model
-from common.rpc import start_server
 from common.stages import PublicWeights, WeightKey
-from fedfhe.v1 import fhe_pb2_grpc
-from fhe_server.__main__ import SERVICE
-from fhe_server.node import Node
-from fhe_server.service import FheServicer
-from worker.fhe_client import FheClient
 from worker.linears import FheEngine, QuantizedLinears
 from worker.model import LoraConfig, SplitLlama, generate
 from worker.runtime import build
@@ -42,28 +33,7 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> ModelWeights:
-    return load_model("tiny")
 
-
-@pytest.fixture(scope="module")
-def node_address(tiny: ModelWeights) -> Iterator[str]:
-    servicer = FheServicer(Node(PublicWeights(tiny)))
-
-    async def start():
-        return await start_server(ServerConfig(insecure=True),
-                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
-
-    thread = ServerThread(start)
-    yield thread.running.address
-    thread.stop()
-
-
-@pytest.fixture
-def client(node_address: str) -> Iterator[FheClient]:
-    with FheClient(node_address, ChannelConfig(insecure=True), EXACT, "tiny") as c:
-        yield c
 
 
 def with_adapter(model: SplitLlama, seed: int = 11) -> SplitLlama:

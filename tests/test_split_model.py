@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 import torch
-from conftest import ServerThread
 
-from common.config import ChannelConfig, ServerConfig
+from common.config import ChannelConfig
 from common.lwe.params import COMPACT, EXACT
 from common.lwe.quant import quantize_rows
-from common.models import ModelWeights, load_model
-from common.rpc import start_server
+from common.models import ModelWeights
 from common.stages import PublicWeights
-from fedfhe.v1 import fhe_pb2_grpc
-from fhe_server.__main__ import SERVICE
-from fhe_server.node import Node
-from fhe_server.service import FheServicer
 from worker.fhe_client import FheClient
 from worker.linears import FheEngine, LocalEngine, QuantizedLinears
 from worker.model import (
@@ -34,28 +25,7 @@ from worker.model import (
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "gate", "down"), seed=3)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> ModelWeights:
-    return load_model("tiny")
 
-
-@pytest.fixture(scope="module")
-def node_address(tiny: ModelWeights) -> Iterator[str]:
-    servicer = FheServicer(Node(PublicWeights(tiny)))
-
-    async def start():
-        return await start_server(ServerConfig(insecure=True),
-                                  lambda s: fhe_pb2_grpc.add_FheServiceServicer_to_server(servicer, s), [SERVICE])
-
-    thread = ServerThread(start)
-    yield thread.running.address
-    thread.stop()
-
-
-@pytest.fixture
-def client(node_address: str) -> Iterator[FheClient]:
-    with FheClient(node_address, ChannelConfig(insecure=True), EXACT, "tiny") as c:
-        yield c
 
 
 def batch(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> tuple[torch.Tensor, torch.Tensor]:

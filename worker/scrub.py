@@ -73,7 +73,7 @@ from presidio_analyzer.predefined_recognizers import (
     UsSsnRecognizer,
 )
 
-from common.notes import NOTE_SUFFIXES, Note
+from common.notes import NOTE_SUFFIXES, Note, NotesFormatError
 
 # Placeholder labels, in the order reports list them.
 LABELS = ("NAME", "DOCTOR", "DOB", "DATE", "AGE", "MRN", "ID", "PHONE", "EMAIL", "URL", "ADDRESS", "HOSPITAL")
@@ -88,14 +88,8 @@ _PRESIDIO_LABELS = {"PHONE_NUMBER": "PHONE", "US_SSN": "ID", "CREDIT_CARD": "ID"
 _MIN_SCORE = 0.35
 
 
-class ScrubError(ValueError):
+class ScrubError(NotesFormatError):
     """A notes file cannot be scrubbed; the message names the file and, where there is one, the line."""
-
-    def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
-        self.path = str(path)
-        self.line = line
-        where = f"{self.path} line {line}" if line is not None else self.path
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass(frozen=True)
