@@ -11,6 +11,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import grpc
+
 from common.config import ChannelConfig
 from common.messages import config_to_proto
 from common.rpc import RpcClient
@@ -31,10 +33,19 @@ class OperatorClient(RpcClient):
         return {w.worker_id for w in (await self.status()).workers if w.connected}
 
     async def wait_connected(self, names: Sequence[str], timeout: float = 60.0, poll: float = 0.2) -> None:
+        """Until every name holds a round stream; a coordinator still starting up (UNAVAILABLE) is waited for too."""
         deadline = time.monotonic() + timeout
-        while not set(names) <= await self.connected():
+        connected: set[str] = set()
+        while True:
+            try:
+                connected = await self.connected()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            if set(names) <= connected:
+                return
             if time.monotonic() > deadline:
-                missing = sorted(set(names) - await self.connected())
+                missing = sorted(set(names) - connected)
                 raise TimeoutError(f"{', '.join(missing)} did not connect within {timeout:.0f} s")
             await asyncio.sleep(poll)
 

@@ -191,7 +191,10 @@ def test_a_flag_on_by_default_has_a_no_form(tmp_path: Path) -> None:
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, JoinConfig)
-    base = ["--coordinator", "c:1", "--data", "d.jsonl", "--consortium-key", "k", "--no-dp", "--mode", "local"]
+    (tmp_path / "d.jsonl").write_text("")
+    (tmp_path / "k").write_text("")
+    base = ["--coordinator", "c:1", "--data", str(tmp_path / "d.jsonl"), "--consortium-key", str(tmp_path / "k"),
+            "--no-dp", "--mode", "local"]
     assert from_namespace(JoinConfig, parser.parse_args(base), {}).scrub_pii is True
     assert from_namespace(JoinConfig, parser.parse_args([*base, "--no-scrub-pii"]), {}).scrub_pii is False
     assert from_namespace(JoinConfig, parser.parse_args([*base, "--scrub-pii"]), {}).scrub_pii is True

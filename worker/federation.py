@@ -28,7 +28,6 @@ import grpc
 import numpy as np
 import structlog
 import torch
-from cryptography import x509
 
 from common.errors import FailedPrecondition, FedfheError, NodeMisbehaved
 from common.lwe.params import by_name
@@ -39,11 +38,9 @@ from common.messages import (
     contributions,
     layout_from_proto,
     layout_to_proto,
-    mask_keys_from_proto,
 )
 from common.progress import progress_bar
 from common.rpc import Backoff
-from common.secagg import MemberSecrets, RecoveryError, SecAggError, Signer, check_members, load_anchor
 from common.training import TrainingConfig
 from common.updates import (
     RESTORE,
@@ -57,6 +54,7 @@ from fedfhe.v1 import coordinator_pb2
 from worker.config import JoinConfig
 from worker.coordinator_client import CoordinatorClient, FetchedPatch
 from worker.lora import load_lora_state_dict, lora_state_dict
+from worker.masking import MaskMember
 from worker.model import LoraConfig
 from worker.runtime import Runtime, build
 from worker.train import RoundResult, Trainer, held_out_loss
@@ -138,9 +136,7 @@ class FederatedWorker:
         self._round_task: asyncio.Task[None] | None = None
         self._evaluation: tuple[asyncio.Task[None], threading.Event] | None = None  # running in the background
         self._eval_owed: list[tuple[int, TrainingConfig]] = []  # put off or interrupted: done after the next upload
-        self._mask_inbox: asyncio.Queue[coordinator_pb2.WatchRoundsResponse | None] = asyncio.Queue()
-        self._secrets: dict[int, MemberSecrets] = {}  # secure aggregation: this worker's, per round
-        self._identity: tuple[Signer, x509.Certificate] | None = None
+        self.masks = MaskMember(cfg.tls_dir, cfg.identity, self.metric)  # secure aggregation
         self._rotation: asyncio.Task[None] | None = None  # a new FHE seed being set up between rounds
 
     # ---- metrics ----------------------------------------------------------------------------------
@@ -335,7 +331,7 @@ class FederatedWorker:
         if not cfg.ffa:
             tensors.update(sketches(self.runtime, cfg.lora_seed))
         enc = encrypt_update(self.key, self.federation_id, round_, self.worker_id, tensors, result.num_samples)
-        payload, secrets = enc.payload, self._secrets.get(round_)
+        payload, secrets = enc.payload, self.masks.secrets(round_)
         if secrets is not None:  # secure aggregation: self and pairwise masks over the pads
             words = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
             secrets.mask(words)
@@ -347,90 +343,6 @@ class FederatedWorker:
             nonce=enc.nonce, masked=secrets is not None, train_loss=result.train_loss)
         await client.submit_update(header, payload)
         return len(payload)
-
-    # ---- secure aggregation ---------------------------------------------------------------------
-
-    def _mask_identity(self) -> tuple[Signer, x509.Certificate]:
-        """This worker's federation certificate (it signs its mask keys) and the CA (it checks its peers')."""
-        if self._identity is None:
-            if self.cfg.tls_dir is None or not self.cfg.identity:
-                raise FailedPrecondition("secure aggregation signs with this worker's federation certificate: "
-                                         "give --tls-dir and --identity")
-            self._identity = (Signer.load(self.cfg.tls_dir, self.cfg.identity), load_anchor(self.cfg.tls_dir))
-        return self._identity
-
-    async def _mask_event(self, kind: str, round_: int, deadline_ms: int) -> Any:
-        """The next secure-aggregation event of this round (strays of other rounds are dropped)."""
-        while True:
-            timeout = max(5.0, deadline_ms / 1000 - time.time())
-            event = await asyncio.wait_for(self._mask_inbox.get(), timeout)
-            if event is None:
-                raise ConnectionError("the round stream ended during secure aggregation setup")
-            if event.WhichOneof("event") == kind and getattr(event, kind).round == round_:
-                return getattr(event, kind)
-
-    async def join_mask_set(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted,
-                            ) -> MemberSecrets | str:
-        """Keys out, peers' keys checked, shares out and in: this round's mask secrets, or why not."""
-        r = started.round
-        try:
-            signer, anchor = self._mask_identity()
-            secrets = MemberSecrets(self.federation_id, r, signer)
-            await client.advertise_keys(r, secrets.keys)
-            ready = await self._mask_event("mask_keys", r, started.deadline_unix_ms)
-            members = check_members([mask_keys_from_proto(m) for m in ready.members], anchor, self.federation_id,
-                                    r, ready.threshold)
-            await client.share_secrets(r, self.worker_id, secrets.shares_for(members, ready.threshold))
-            shares = await self._mask_event("mask_shares", r, started.deadline_unix_ms)
-            secrets.restrict(list(shares.members))
-            for share in shares.shares:
-                secrets.receive(share.worker_id, share.ciphertext)
-            if secrets.holds != set(shares.members):
-                raise RecoveryError(f"shares from {sorted(set(shares.members) - secrets.holds)} are missing")
-        except (FedfheError, TimeoutError) as exc:  # KeyRefused: a substituted or replayed key, say
-            log.error("secure aggregation setup refused", round=r, error=str(exc))
-            return f"secure aggregation setup: {exc or 'timed out'}"
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            return f"secure aggregation setup: {exc.details()}"
-        self._secrets[r] = secrets
-        log.info("mask set joined", round=r, members=len(shares.members), threshold=secrets.threshold)
-        return secrets
-
-    def _forget_secrets(self, round_: int) -> None:
-        secrets = self._secrets.pop(round_, None)
-        if secrets is not None:
-            secrets.close()
-
-    async def on_unmask(self, client: CoordinatorClient, request: coordinator_pb2.UnmaskRequested) -> None:
-        """Sign the survivor set the coordinator announced (before any share is revealed)."""
-        secrets = self._secrets.get(request.round)
-        if secrets is None:
-            return
-        try:
-            signature = secrets.confirm(list(request.survivors))
-        except SecAggError as exc:
-            log.error("survivor set refused", round=request.round, error=str(exc))
-            return
-        await client.confirm_survivors(request.round, self.worker_id, signature)
-
-    async def on_survivors_confirmed(self, client: CoordinatorClient,
-                                     confirmed: coordinator_pb2.SurvivorsConfirmed) -> None:
-        """Reveal one share per member once t survivors signed the same survivor set."""
-        secrets = self._secrets.get(confirmed.round)
-        if secrets is None:
-            return
-        _, anchor = self._mask_identity()
-        try:
-            shares = secrets.reveal(list(confirmed.survivors), {s.worker_id: s.signature
-                                                                for s in confirmed.signatures}, anchor)
-        except SecAggError as exc:
-            log.error("no shares revealed", round=confirmed.round, error=str(exc))
-            return
-        await client.reveal_shares(confirmed.round, self.worker_id, shares)
-        self.metric("shares_revealed", round=confirmed.round, survivors=list(confirmed.survivors),
-                    shares=len(shares))
 
     async def on_started(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted) -> None:
         r = started.round
@@ -458,7 +370,7 @@ class FederatedWorker:
             await self.decline(client, r, why)
             return
         if started.HasField("secure_aggregation") and started.secure_aggregation.enabled:
-            joined = await self.join_mask_set(client, started)
+            joined = await self.masks.join(client, started, self.federation_id, self.worker_id)
             if isinstance(joined, str):  # never train or submit without the round's masks
                 await self.decline(client, r, joined)
                 return
@@ -468,7 +380,7 @@ class FederatedWorker:
                 result = await asyncio.to_thread(self.trainer.train_round, cfg, update)
         except NodeMisbehaved as exc:  # the step stopped before any state changed; this round's training is dropped
             load_lora_state_dict(runtime.model, self.global_state)
-            self._forget_secrets(r)
+            self.masks.forget(r)
             await asyncio.to_thread(self.node_failed, exc, r, "training")
             await self.decline(client, r, f"an FHE node answer failed verification ({exc}); this round's "
                                           "local training was discarded")
@@ -531,15 +443,15 @@ class FederatedWorker:
                     # The round runs as its own task: its secure-aggregation events arrive on this stream meanwhile.
                     self._round_task = asyncio.create_task(self.on_started(client, event.started))
                 elif kind in ("mask_keys", "mask_shares"):
-                    self._mask_inbox.put_nowait(event)
+                    self.masks.inbox.put_nowait(event)
                 elif kind == "unmask":
-                    await self.on_unmask(client, event.unmask)
+                    await self.masks.on_unmask(client, event.unmask, self.worker_id)
                 elif kind == "survivors_confirmed":
-                    await self.on_survivors_confirmed(client, event.survivors_confirmed)
+                    await self.masks.on_survivors_confirmed(client, event.survivors_confirmed, self.worker_id)
                 elif kind == "closed":
                     await self.settle_round()
                     closed = event.closed
-                    self._forget_secrets(closed.round)
+                    self.masks.forget(closed.round)
                     self.metric("round_closed", round=closed.round, reason=closed.reason,
                                 aggregated=closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED)
                     if closed.outcome == coordinator_pb2.ROUND_OUTCOME_AGGREGATED and self.round_cfg is not None:
@@ -560,10 +472,9 @@ class FederatedWorker:
                     return True
             return False
         finally:  # the stream ended: a round still waiting for setup events learns it, and finishes first
-            self._mask_inbox.put_nowait(None)
+            self.masks.inbox.put_nowait(None)
             await self.settle_round(quiet=True)
-            while not self._mask_inbox.empty():
-                self._mask_inbox.get_nowait()
+            self.masks.drain()
 
     async def settle_round(self, *, quiet: bool = False) -> None:
         """Wait for the current round's task (its errors surface here, unless quiet after a broken stream)."""
