@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import grpc
 from common.certs import make_federation_pki
 from common.config import ChannelConfig, is_loopback
 from common.datagen.generator import generate_dataset
+from common.dp_recipe import MAX_GRAD_NORM, RECIPE_FIELDS, auto_recipe
 from common.models import MODEL_IDS
 from common.secagg import SCHEME
 from common.training import TrainingConfig
@@ -44,10 +45,11 @@ READY_TIMEOUT_S = 900  # loading SmolLM2 and quantizing its weights takes a whil
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"local_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "lora_rank": 8, "lora_alpha": 16.0,
              "lora_targets": "q,v,o,gate,down", "max_seq_len": 64, "records": 160, "eval_records": 16,
-             "param_set": "exact", "modes": "fhe,local,local", "round_deadline": 300.0},
+             "param_set": "exact", "modes": "fhe,local,local", "round_deadline": 300.0, "dp_recipe": "preset"},
     "smollm2-135m": {"local_steps": 3, "batch_size": 4, "learning_rate": 3e-2, "lora_rank": 8, "lora_alpha": 16.0,
                      "lora_targets": "q,v", "max_seq_len": 48, "records": 40, "eval_records": 6,
-                     "param_set": "compact", "modes": "fhe,local,local", "round_deadline": 1200.0},
+                     "param_set": "compact", "modes": "fhe,local,local", "round_deadline": 1200.0,
+                     "dp_recipe": "auto"},
 }
 
 
@@ -360,7 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WITHOUT secure aggregation: consortium pads only (comparison only)")
     p.add_argument("--secagg-threshold", type=int, default=0,
                    help="Shamir threshold of secure aggregation (0: a majority of each round's mask set)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm")
+    p.add_argument("--max-grad-norm", type=float, help=f"DP-SGD clipping norm (default {MAX_GRAD_NORM:g}, the DP "
+                                                         "recipe's)")
+    p.add_argument("--dp-recipe", choices=["auto", "preset"],
+                   help="auto: expected batch, local steps and learning rate from the notes per hospital, epsilon "
+                        "and --rounds, as the DP utility benchmark measured them on SmolLM2 (prints its choice and "
+                        "the kept fraction it predicts); preset: the model's preset below. Explicit flags win "
+                        "either way; " + per_model("dp_recipe"))
     p.add_argument("--full-lora", action="store_true", help="train A and B (FedAvg of both is inexact: reported)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--replay-seed", type=int, default=0,
@@ -383,12 +391,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def plan_training(args: argparse.Namespace) -> TrainingConfig:
+    """The rounds' settings: the model's preset, then `--dp-recipe auto` (sets args.recipe), explicit flags win."""
+    config = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                            lora_targets=tuple(args.lora_targets.split(",")), ffa=not args.full_lora,
+                            max_seq_len=args.max_seq_len, total_rounds=args.rounds).validate()
+    args.recipe = None
+    if args.dp_recipe == "auto":
+        args.recipe = auto_recipe(args.records, None if args.no_dp else args.epsilon, args.rounds,
+                                  args.delta or None)
+        config = args.recipe.apply(config, args.explicit)
+    if args.max_grad_norm is None:
+        args.max_grad_norm = args.recipe.max_grad_norm if args.recipe else MAX_GRAD_NORM
+    return config
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The flags, the model's preset where a flag is missing, and which recipe settings were explicit."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = {f for f in RECIPE_FIELDS if getattr(args, f, None) is not None}  # before the preset fills in
     for name, value in PRESETS[args.model].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    return parser, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     if args.workers < 1 or args.rounds < 1 or not 1 <= args.min_workers <= args.workers:
         parser.error("need --workers >= 1, --rounds >= 1 and 1 <= --min-workers <= --workers")
     for k in args.kill_worker or []:
@@ -397,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dashboard is not None and not is_loopback(args.dashboard.rpartition(":")[0].strip("[]")):
         parser.error(f"--dashboard {args.dashboard!r}: a loopback HOST:PORT (run fedfhe-dashboard with HTTPS and a "
                      "token to serve it beyond this machine)")
+    config = plan_training(args)
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="fedfhe-run-"))).resolve()
     for sub in ("logs", "metrics", "state"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -408,11 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_key_file(key_file, key, force=True)
     generate_dataset(run_dir / "data", hospitals=args.workers, seed=args.seed, records=[args.records])
     modes = (args.modes.split(",") * args.workers)[:args.workers]
-    config = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                            lora_targets=tuple(args.lora_targets.split(",")), ffa=not args.full_lora,
-                            max_seq_len=args.max_seq_len, total_rounds=args.rounds).validate()
     print(f"run directory: {run_dir}")
+    if args.recipe:
+        print(args.recipe.describe() + (f"; explicit {', '.join(sorted(args.explicit))} kept" if args.explicit
+                                        else ""))
     print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
           f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
           f"{'NO secure aggregation (comparison run)' if args.no_secagg else 'secure aggregation'}; "
@@ -504,6 +535,8 @@ def make_report(run: Run, seconds: float) -> dict[str, Any]:
                      "epsilon": args.epsilon, "delta": args.delta or None, "dp": not args.no_dp,
                      "replay_seed": args.replay_seed or None, "scrub_pii": not args.no_scrub_pii,
                      "max_grad_norm": args.max_grad_norm, "records_largest_hospital": args.records,
+                     "dp_recipe": {**asdict(args.recipe), "explicit": sorted(args.explicit)} if args.recipe
+                     else "preset",
                      "training": {**run.config.__dict__, "lora_targets": list(run.config.lora_targets)}},
         "secure_aggregation": None if args.no_secagg else {
             "scheme": SCHEME,

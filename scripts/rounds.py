@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.config import ChannelConfig
+from common.dp_recipe import RECIPE_FIELDS, auto_recipe
 from common.errors import FedfheError
 from common.training import TrainingConfig
 from coordinator.operator import OperatorClient
@@ -112,16 +113,39 @@ async def wait_for_workers(op: OperatorClient, names: list[str] | None, timeout:
         await asyncio.sleep(0.5)
 
 
+async def with_recipe(op: OperatorClient, cfg: TrainingConfig, explicit: set[str]) -> TrainingConfig:
+    """`--dp-recipe auto`: the measured recipe for the smallest connected hospital at the smallest ε budget."""
+    st = await op.status()
+    workers = [w for w in st.workers if w.connected and w.num_records > 0]
+    if not workers:
+        console.print("[yellow]DP recipe auto: no connected worker reported its notes; using the flags and "
+                      "defaults[/]")
+        return cfg
+    dp = [w for w in workers if not w.no_dp]
+    budgets = [w.epsilon_budget for w in dp if math.isfinite(w.epsilon_budget) and w.epsilon_budget > 0]
+    if len(budgets) < len(dp):
+        console.print("[yellow]DP recipe auto: a DP worker did not report its epsilon budget; using the flags and "
+                      "defaults[/]")
+        return cfg
+    recipe = auto_recipe(min(w.num_records for w in workers), min(budgets) if budgets else None, cfg.total_rounds)
+    console.print(escape(recipe.describe() + (f"; explicit {', '.join(sorted(explicit))} kept" if explicit else "")
+                         + "; the clipping norm is each worker's --max-grad-norm, whose default is the recipe's"))
+    return recipe.apply(cfg, explicit)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     channel = ChannelConfig(insecure=args.insecure, tls_dir=args.tls_dir, identity=args.identity)
     values = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if getattr(args, f.name, None) is not None}
     if args.command == "run":  # workers calibrate DP noise to the planned rounds: plan the ones this runs
         values.setdefault("total_rounds", args.rounds)
     cfg = TrainingConfig(**values).validate()
+    explicit = set(values) & set(RECIPE_FIELDS)
     async with OperatorClient(args.coordinator, channel) as op:
         if args.command == "status":
             show_status(await op.status())
         elif args.command == "start":
+            if args.dp_recipe == "auto":
+                cfg = await with_recipe(op, cfg, explicit)
             started = await op.start_round(cfg, args.deadline)
             console.print(f"round {started.round} started for {', '.join(started.eligible)}")
         elif args.command == "watch":
@@ -131,6 +155,8 @@ async def main_async(args: argparse.Namespace) -> int:
             console.print(f"finished after round {await op.finish()}")
         elif args.command == "run":
             await wait_for_workers(op, args.wait_for.split(",") if args.wait_for else None, args.wait_seconds)
+            if args.dp_recipe == "auto":
+                cfg = await with_recipe(op, cfg, explicit)
             for _ in range(args.rounds):
                 started, closed = await op.run_round(cfg, args.deadline)
                 console.print(describe(pb.WatchRoundsResponse(closed=closed)))
@@ -156,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-wait", type=float, default=300.0,
                    help="run: after each round, wait this long for the hospitals' held-out losses (0: do not)")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds per round (0: the coordinator's default)")
+    p.add_argument("--dp-recipe", choices=["auto", "none"], default="auto",
+                   help="start/run: auto (default) picks the expected batch, local steps and learning rate from the "
+                        "smallest connected hospital's notes, the smallest epsilon budget and the planned rounds, as "
+                        "the DP utility benchmark measured them, and prints its choice and the kept fraction it "
+                        "predicts; explicit round settings win. none: the settings below")
     defaults = TrainingConfig()
     for f in fields(TrainingConfig):
         kind = type(getattr(defaults, f.name))

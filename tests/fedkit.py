@@ -192,7 +192,7 @@ class RpcWorker:
         self.federation = ""
 
     async def join(self) -> None:
-        reg = await self.client.register(self.name, 10, self.key.check_value(), no_dp=False)
+        reg = await self.client.register(self.name, 10, self.key.check_value(), no_dp=False, epsilon_budget=8.0)
         self.federation = reg.federation_id
         call = self.client.watch(self.name)
 

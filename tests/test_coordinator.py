@@ -14,6 +14,7 @@ from fedkit import FAST, Operator, RpcWorker, start_coordinator
 
 from common.chunks import chunk_messages
 from common.config import ChannelConfig, ServerConfig
+from common.dp_recipe import LEARNING_RATE
 from common.messages import config_to_proto, contributions, layout_from_proto, layout_to_proto
 from common.rpc import make_channel
 from common.updates import ConsortiumKey, decrypt_aggregate, encrypt_update
@@ -303,7 +304,11 @@ async def test_rounds_script_starts_watches_and_finishes(federation) -> None:
     base = ["--insecure", "--coordinator", running.address]
     code, out = await run_script(*base, "start", "--local-steps", "2", "--lora-targets", "q,v")
     assert code == 0 and "round 1 started for a, b" in out, out
-    assert (await a.next_event("started")).started.config.local_steps == 2
+    # --dp-recipe auto (the default) for 10 notes at ε = 8: all of them per step; the explicit steps win
+    assert "DP recipe auto for N=10 notes, ε=8, 1 round(s): expected batch 10 (q=1)" in out, out
+    assert "explicit local_steps kept" in out, out
+    config = (await a.next_event("started")).started.config
+    assert (config.local_steps, config.batch_size, config.learning_rate) == (2, 10, pytest.approx(LEARNING_RATE))
     await a.submit(1)
     await b.submit(1)
     await a.next_event("closed")
@@ -332,6 +337,7 @@ async def test_rounds_run_shows_epsilon_and_the_held_out_loss(federation) -> Non
     await b.client.report_evaluation(1, "b", 4.75, 30)
     code, out = await run
     assert code == 0 and "samples from [a ε 1.50, b ε 1.50]" in out, out
+    assert "6 local step(s) per round" in out, out  # the recipe's six steps, all in the one planned round
     assert "held-out loss 4.625 (2 hospital(s))" in out, out
 
 

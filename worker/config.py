@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ChannelConfig, ConfigError, LogConfig, opt
+from common.dp_recipe import MAX_GRAD_NORM
 from common.lwe.params import PARAM_SETS
 from common.models import MODEL_IDS
 from worker.runtime import MODES
@@ -84,7 +85,7 @@ class JoinConfig(WorkerConfig):
     epsilon: float = opt(8.0, help="this hospital's DP budget epsilon over the whole federation")
     delta: float = opt(0.0, help="DP delta (0: 1/(10·N) for N training records)")
     no_dp: bool = opt(False, help="train WITHOUT differential privacy (comparison runs only; shown everywhere)")
-    max_grad_norm: float = opt(1.0, help="DP-SGD per-sample clipping norm C")
+    max_grad_norm: float = opt(MAX_GRAD_NORM, help="DP-SGD per-sample clipping norm C (the DP recipe's)")
     noise_multiplier: float = opt(0.0, help="DP-SGD noise multiplier sigma (0: calibrated to spend --epsilon "
                                             "over the federation's planned rounds)")
     accountant: str = opt("rdp", help="privacy accountant", choices=list(ACCOUNTANTS))

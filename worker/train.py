@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from common.dp_recipe import MAX_GRAD_NORM, noise_multiplier
 from common.lwe.prg import Randomness
 from common.training import TrainingConfig
 from worker.data import pad_batch
@@ -97,7 +97,7 @@ class DpSettings:
     enabled: bool = True
     epsilon: float = 8.0
     delta: float | None = None  # default 1/(10·N)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = MAX_GRAD_NORM
     noise_multiplier: float | None = None  # None: calibrated to spend `epsilon` over the planned rounds
     accountant: str = "rdp"
 
@@ -193,12 +193,8 @@ class Trainer:
     def calibrate(self, cfg: TrainingConfig) -> float:
         """σ that spends exactly the budget over cfg.total_rounds rounds (once; later rounds reuse it)."""
         if self.noise_multiplier is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                self.noise_multiplier = float(get_noise_multiplier(
-                    target_epsilon=self.dp.epsilon, target_delta=self.delta, sample_rate=self.sample_rate(cfg),
-                    steps=cfg.total_rounds * cfg.local_steps, accountant=self.dp.accountant,
-                    epsilon_tolerance=0.005))
+            self.noise_multiplier = noise_multiplier(self.dp.epsilon, self.delta, self.sample_rate(cfg),
+                                                     cfg.total_rounds * cfg.local_steps, self.dp.accountant)
         return self.noise_multiplier
 
     def epsilon_after(self, cfg: TrainingConfig) -> float:
