@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from scipy import stats
 
 from common.datagen.generator import generate_dataset
-from common.dp_recipe import BATCH, LEARNING_RATE, MAX_GRAD_NORM
+from common.dp_recipe import MAX_GRAD_NORM
 from common.lwe.params import EXACT
 from common.lwe.prg import DeterministicRandomness
 from common.notes import load_notes
@@ -157,8 +157,7 @@ def test_privacy_ledger_survives_a_restart(tmp_path) -> None:  # type: ignore[no
 CANARIES = 160  # planted, and as many never-seen ones: the AUC's standard error is about 0.03
 
 
-def membership_auc(notes_dir: Path, dp: DpSettings, steps: int, lr: float = 5e-3,
-                   batch: int = 32) -> tuple[float, float, float]:
+def membership_auc(notes_dir: Path, dp: DpSettings, steps: int) -> tuple[float, float, float]:
     """Train on a hospital's notes with planted canaries; AUC of −loss for planted vs never-seen canaries.
 
     Each canary is one record (no repeats), so DP's per-record guarantee covers it. Full LoRA on every
@@ -168,7 +167,7 @@ def membership_auc(notes_dir: Path, dp: DpSettings, steps: int, lr: float = 5e-3
     notes, planted = plant_canaries(load_notes(notes_dir / "hospital-1" / "train.jsonl"), CANARIES, seed=7)
     control = [c.text for c in make_canaries(CANARIES, seed=8)]
     rt = tiny_runtime(targets=ALL, rank=16, ffa=False, seed=5, mode="float")
-    cfg = TrainingConfig(local_steps=max(steps, 1), batch_size=batch, learning_rate=lr, lora_rank=16,
+    cfg = TrainingConfig(local_steps=max(steps, 1), batch_size=32, learning_rate=5e-3, lora_rank=16,
                          lora_alpha=32.0, lora_targets=ALL, ffa=False, max_seq_len=96, total_rounds=1)
     trainer = Trainer(rt.model, tokenize_notes(notes, TOK, 96), dp, rng=DeterministicRandomness(11))
     if steps:
@@ -184,20 +183,16 @@ def membership_auc(notes_dir: Path, dp: DpSettings, steps: int, lr: float = 5e-3
     return float(auc), trainer.epsilon, float(-members.mean())
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("recipe", ["small-lr", pytest.param("auto", marks=pytest.mark.slow)])
-def test_canaries_are_exposed_without_dp_and_hidden_with_it(tmp_path: Path, recipe: str) -> None:
-    """A strong attacker (250 steps, full LoRA everywhere): exposed without DP, hidden at ε = 8, both with a small
-    learning rate and with the `--dp-recipe auto` one (its batch, learning rate and clipping norm, the defaults)."""
+@pytest.mark.timeout(600)
+def test_canaries_are_exposed_without_dp_and_hidden_with_it(tmp_path: Path) -> None:
+    """A strong attacker (250 steps, full LoRA everywhere) against the default clipping norm, the DP recipe's."""
     generate_dataset(tmp_path, hospitals=1, seed=3, records=[40], global_eval=1)
-    n = 40 + CANARIES
-    lr, batch = (5e-3, 32) if recipe == "small-lr" else (LEARNING_RATE, min(BATCH, n))
     auc_untrained, _, _ = membership_auc(tmp_path, DpSettings(enabled=False), steps=0)
-    auc_plain, eps_plain, loss_plain = membership_auc(tmp_path, DpSettings(enabled=False), 250, lr, batch)
-    auc_dp, eps_dp, loss_dp = membership_auc(tmp_path, DpSettings(epsilon=8.0), 250, lr, batch)
-    print(f"{recipe}: membership AUC: untrained {auc_untrained:.3f}, no DP {auc_plain:.3f} (canary loss "
-          f"{loss_plain:.2f}), DP eps={eps_dp:.2f} {auc_dp:.3f} (canary loss {loss_dp:.2f})")
-    assert DpSettings().max_grad_norm == MAX_GRAD_NORM  # the recipe's clipping norm is the default
+    auc_plain, eps_plain, loss_plain = membership_auc(tmp_path, DpSettings(enabled=False), steps=250)
+    auc_dp, eps_dp, loss_dp = membership_auc(tmp_path, DpSettings(epsilon=8.0), steps=250)
+    print(f"membership AUC: untrained {auc_untrained:.3f}, no DP {auc_plain:.3f} (canary loss {loss_plain:.2f}), "
+          f"DP eps={eps_dp:.2f} {auc_dp:.3f} (canary loss {loss_dp:.2f})")
+    assert DpSettings().max_grad_norm == MAX_GRAD_NORM == 0.5
     assert math.isinf(eps_plain) and 7.9 < eps_dp <= 8.0
     assert auc_plain >= 0.8
     assert auc_dp <= 0.6
