@@ -239,3 +239,32 @@ def test_dp_training_is_identical_in_fhe_and_local_modes() -> None:
         assert any(float(v.abs().max()) > 0 for v in states[0].values())
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize("dp", [DpSettings(epsilon=6.0), DpSettings(enabled=False)], ids=["dp", "no-dp"])
+def test_a_logical_batch_split_into_physical_pieces_trains_the_same_adapter(dp: DpSettings) -> None:
+    """Gradient accumulation (the worker's --physical-batch): pieces of 3 from a Poisson batch of about 10 give the
+    adapter of one forward per step (same sampling and noise), up to float summation order."""
+    from worker.lora import lora_state_dict
+
+    cfg = TrainingConfig(local_steps=3, batch_size=10, learning_rate=1e-2, lora_rank=4, lora_alpha=8.0,
+                         lora_targets=("q", "v", "down"), max_seq_len=32, total_rounds=1)
+    recs = records(16)
+    states, losses, forwards = [], [], []
+    for pieces in (None, 3):
+        rt = tiny_runtime(mode="float")
+        trainer = Trainer(rt.model, recs, dp, rng=DeterministicRandomness(9), max_physical_batch=pieces)
+        batch = trainer._batch
+        calls = []
+        trainer._batch = lambda idx, c, batch=batch, calls=calls: (calls.append(len(idx)), batch(idx, c))[1]  # type: ignore[method-assign]
+        res = trainer.train_round(cfg)
+        forwards.append(calls)
+        states.append(lora_state_dict(rt.model))
+        losses.append(res.train_loss)
+    assert len(forwards[0]) == 3 and max(forwards[1]) <= 3 and sum(forwards[1]) == sum(forwards[0]) > 9
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-6)
+    assert any(float(v.abs().max()) > 1e-4 for v in states[0].values())  # it trained
+    with pytest.raises(ValueError, match="max_physical_batch"):
+        Trainer(tiny_runtime(mode="float").model, recs, dp, max_physical_batch=0)

@@ -89,6 +89,8 @@ class JoinConfig(WorkerConfig):
     noise_multiplier: float = opt(0.0, help="DP-SGD noise multiplier sigma (0: calibrated to spend --epsilon "
                                             "over the federation's planned rounds)")
     accountant: str = opt("rdp", help="privacy accountant", choices=list(ACCOUNTANTS))
+    physical_batch: int = opt(32, help="notes per forward pass: a larger (Poisson) batch is split into pieces whose "
+                                       "gradients are added before the one clip-and-noise step (0: never split)")
     metrics_file: Path | None = opt(None, help="append one JSON line per round event (losses, epsilon, bytes)")
     privacy_ledger: Path | None = opt(None, help="JSON file keeping the DP accountant's history across restarts "
                                                  "(no data in it; without it a restarted worker starts at epsilon 0)")
@@ -112,9 +114,9 @@ class JoinConfig(WorkerConfig):
         if self.data is None or self.consortium_key is None:
             raise ConfigError("--data and --consortium-key are required")
         if (self.eval_records < 0 or self.reconnect_seconds < 0 or self.min_aggregate < 1 or self.replay_seed < 0
-                or self.rotate_seed_rounds < 0):
-            raise ConfigError("--eval-records, --reconnect-seconds, --replay-seed and --rotate-seed-rounds must be "
-                              ">= 0, --min-aggregate >= 1")
+                or self.rotate_seed_rounds < 0 or self.physical_batch < 0):
+            raise ConfigError("--eval-records, --reconnect-seconds, --replay-seed, --rotate-seed-rounds and "
+                              "--physical-batch must be >= 0, --min-aggregate >= 1")
         if not self.no_dp and self.privacy_ledger is None:
             raise ConfigError("--privacy-ledger FILE is required with DP: it keeps the epsilon spent across "
                               "restarts (a restarted worker must not start again from 0)")

@@ -175,7 +175,8 @@ class FederatedWorker:
         rng = (DeterministicRandomness(f"{self.cfg.replay_seed}/{self.worker_id}".encode())
                if self.cfg.replay_seed else os.urandom)
         self.trainer = Trainer(self.runtime.model, self.train_records, self.dp, pad_id=self.pad_id,
-                               ledger=self.cfg.privacy_ledger, rng=rng)
+                               ledger=self.cfg.privacy_ledger, rng=rng,
+                               max_physical_batch=self.cfg.physical_batch or None)
         self.global_state = lora_state_dict(self.runtime.model)  # the initial adapter: B = 0
         return self.runtime
 
