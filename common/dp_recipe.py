@@ -11,7 +11,7 @@ found:
 - six DP-SGD steps in all, spread over the planned rounds;
 - Adam at learning rate 0.06 (0.12 the same; 0.01 and 0.03 left DP far
   behind; 0.25 diverged), about six times what suits smaller batches without noise;
-- clipping norm C = 0.5 (2.0 lost a fifth of the gain);
+- clipping norm C = 0.5 (2.0 lost two fifths of the gain);
 - rank 8 on q and v (rank 2 and 4 were worse; v alone was close).
 
 σ then follows from ε, δ = 1/(10·N), q and the steps (the worker's own RDP

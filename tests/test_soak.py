@@ -35,9 +35,13 @@ def test_twenty_rounds_with_four_workers_leak_nothing(tmp_path: Path) -> None:
         warm = [s for s in samples if s["timestamp"] >= closed[2]]  # after three rounds: caches and pools warm
         assert len(warm) >= 10, (service, len(samples))
         first, last = warm[0], warm[-1]
-        growth = last["rss_bytes"] / first["rss_bytes"] - 1
-        print(f"{service}: RSS {first['rss_bytes'] / 2**20:.1f} → {last['rss_bytes'] / 2**20:.1f} MiB "
-              f"({growth:+.1%}), fds {first['fds']} → {last['fds']}, tasks {first['tasks']} → {last['tasks']}")
-        assert growth < 0.10, (service, first, last)
+        # a leak grows with the rounds; one sample's RSS also depends on where in a round it fell (sessions and
+        # their hints come and go), so compare the peaks of the first and the last third of the samples
+        third = len(warm) // 3
+        early, late = (max(s["rss_bytes"] for s in part) for part in (warm[:third], warm[-third:]))
+        growth = late / early - 1
+        print(f"{service}: peak RSS {early / 2**20:.1f} → {late / 2**20:.1f} MiB ({growth:+.1%}), "
+              f"fds {first['fds']} → {last['fds']}, tasks {first['tasks']} → {last['tasks']}")
+        assert growth < 0.10, (service, early, late, warm)
         assert last["fds"] <= first["fds"] + 2, (service, first, last)
         assert last["tasks"] <= first["tasks"] + 2, (service, first, last)
