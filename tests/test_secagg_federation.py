@@ -3,7 +3,9 @@ coordinator that substitutes or replays a hospital's keys."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from fedkit import FAST, RecordingWorker, federation
 from scipy import stats
 
 from common.updates import _pads
+from coordinator.masking import MaskPhase
 from coordinator.state import Event, Federation, MaskKeysEvent, Settings, Upload
 
 pytestmark = pytest.mark.timeout(600)
@@ -29,6 +32,27 @@ class DropsOut(RecordingWorker):
             await self.decline(client, round_, "test: dropped after the mask setup")
             return 0
         return await super()._submit(client, round_, result, cfg)
+
+
+def keys_phase_over(fed: Federation, round_: int = 1) -> None:
+    """Block (a worker thread) until the coordinator's keys phase of the round is over."""
+    while True:
+        rnd = fed.rounds.get(round_)
+        if rnd is not None and rnd.mask is not None and rnd.mask.phase != MaskPhase.KEYS:
+            return
+        time.sleep(0.05)
+
+
+class SlowToLoad(RecordingWorker):
+    """Its first model load lasts until the keys phase is over (SmolLM2, an FHE session and its hints on a busy
+    machine once outlasted it): its keys must already be out by then."""
+
+    fed: Federation
+
+    def ensure_model(self, cfg):  # type: ignore[no-untyped-def]
+        if self.runtime is None:
+            keys_phase_over(self.fed)  # ensure_model runs in a worker thread
+        return super().ensure_model(cfg)
 
 
 class Recording(Federation):
@@ -136,4 +160,36 @@ async def test_a_substituted_or_replayed_key_is_refused(tmp_path: Path, monkeypa
         status = await fx.op.status()
         reasons = {w.worker_id: w.declined for w in status.workers}
         assert all("not signed by its certificate" in reasons[n] for n in NAMES), reasons
+        await fx.finish()
+
+
+class LateKeys(SlowToLoad):
+    """Positive control: keys sent only after that load, as the worker once did."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        join = self.masks.join
+
+        async def late(*a, **kw):  # type: ignore[no-untyped-def]
+            await asyncio.to_thread(keys_phase_over, self.fed)
+            return await join(*a, **kw)
+        self.masks.join = late  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("cls", [SlowToLoad, LateKeys])
+async def test_a_worker_whose_first_model_load_outlasts_the_keys_phase_still_takes_part(
+        tmp_path: Path, cls: type[SlowToLoad]) -> None:
+    async with federation(tmp_path, NAMES, Settings(min_workers=2, deadline_seconds=240, secagg_phase_seconds=20),
+                          classes={"hospital-3": cls}) as fx:
+        slow = fx.workers["hospital-3"]
+        assert isinstance(slow, SlowToLoad)
+        slow.fed = fx.fed
+        closed = await fx.op.round(FAST)
+        got = {p.worker_id for p in closed.participants}
+        if cls is SlowToLoad:  # its keys went out at once: the phase closed without waiting for its timer
+            assert got == set(NAMES), closed.reason
+            assert list((await fx.op.status()).rounds[0].mask_recovery.dropped) == []
+        else:  # the test sees the failure it guards against: the phase closed at its timer without hospital-3
+            declined = {w.worker_id: w.declined for w in (await fx.op.status()).workers}
+            assert got == set(NAMES[:2]) and "keys phase" in declined["hospital-3"], declined
         await fx.finish()

@@ -15,6 +15,7 @@ from the same round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from common.messages import (
 )
 from common.progress import progress_bar
 from common.rpc import Backoff
+from common.secagg import MemberSecrets
 from common.training import TrainingConfig
 from common.updates import (
     RESTORE,
@@ -349,6 +351,34 @@ class FederatedWorker:
         r = started.round
         await self.settle_rotation()
         cfg = self.round_cfg = config_from_proto(started.config)
+        why = self.refusal(started, cfg) if self.trainer is not None else None
+        if why is not None:  # known before any mask setup: the others need not recover this worker's masks
+            await self.decline(client, r, why)
+            return
+        joining = None
+        if started.HasField("secure_aggregation") and started.secure_aggregation.enabled:
+            # Keys out at once, while the model loads and the aggregate is fetched: the first round's model load
+            # (SmolLM2, an FHE session, its hints) can outlast the keys phase on a busy machine.
+            joining = asyncio.create_task(self.masks.join(client, started, self.federation_id, self.worker_id))
+        try:
+            await self._train_and_submit(client, started, cfg, joining)
+        finally:
+            if joining is not None and not joining.done():  # declined before the setup finished
+                joining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await joining
+
+    def refusal(self, started: coordinator_pb2.RoundStarted, cfg: TrainingConfig) -> str | None:
+        """Why this worker must decline the round whatever its adapter: its budget, or a deadline already past."""
+        assert self.trainer is not None
+        why = self.trainer.refusal(cfg)
+        if why is None and time.time() * 1000 >= started.deadline_unix_ms:
+            why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
+        return why
+
+    async def _train_and_submit(self, client: CoordinatorClient, started: coordinator_pb2.RoundStarted,
+                                cfg: TrainingConfig, joining: asyncio.Task[MemberSecrets | str] | None) -> None:
+        r = started.round
         runtime = await asyncio.to_thread(self.ensure_model, cfg)  # may open the FHE session: blocking
         assert self.trainer is not None and self.global_state is not None
         applied_before = self.applied_round
@@ -364,14 +394,12 @@ class FederatedWorker:
         if not self.baseline_done and self.applied_round == 0:
             self.baseline_done = True
             self._eval_owed.append((0, cfg))
-        why = self.trainer.refusal(cfg)
-        if why is None and time.time() * 1000 >= started.deadline_unix_ms:
-            why = "the round's deadline has passed: no privacy budget is spent on an update that would be refused"
+        why = self.refusal(started, cfg)
         if why is not None:
             await self.decline(client, r, why)
             return
-        if started.HasField("secure_aggregation") and started.secure_aggregation.enabled:
-            joined = await self.masks.join(client, started, self.federation_id, self.worker_id)
+        if joining is not None:
+            joined = await joining
             if isinstance(joined, str):  # never train or submit without the round's masks
                 await self.decline(client, r, joined)
                 return
