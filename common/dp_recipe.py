@@ -38,7 +38,11 @@ RECIPE_FIELDS = ("batch_size", "local_steps", "learning_rate")  # the TrainingCo
 
 # kept fraction at ε, by notes per hospital: the full grid of scripts/bench_dp_utility.py (docs/bench/dp_utility.json;
 # tests/test_dp_recipe.py checks the two agree)
-MEASURED: Mapping[float, Mapping[int, float]] = {}
+MEASURED: Mapping[float, Mapping[int, float]] = {
+    1.0: {40: 0.1, 400: 0.41, 2000: 0.54},
+    3.0: {400: 0.59, 2000: 0.61},
+    8.0: {40: 0.41, 400: 0.65, 2000: 0.74},
+}
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
@@ -70,10 +74,14 @@ def predicted_kept(num_records: int, epsilon: float | None,
         return 1.0, "no DP: the reference itself"
     if not measured:
         return None, "no benchmark table"
-    by_eps = {e: _interpolate({float(n): k for n, k in row.items()}, num_records) for e, row in measured.items()}
+    es = sorted(measured)
+    lower = [e for e in es if e <= epsilon] or es[:1]
+    upper = [e for e in es if e >= epsilon] or es[-1:]
+    used = {lower[-1], upper[0]}  # the measured ε on either side (one where ε was measured or is outside)
+    by_eps = {e: _interpolate({float(n): k for n, k in measured[e].items()}, num_records) for e in used}
     kept, inside = _interpolate({e: v for e, (v, _) in by_eps.items()}, epsilon)
-    inside = inside and all(ok for _, ok in by_eps.values())
-    ns, es = sorted({n for row in measured.values() for n in row}), sorted(measured)
+    inside = (inside or (len(used) == 1 and es[0] <= epsilon <= es[-1])) and all(ok for _, ok in by_eps.values())
+    ns = sorted({n for row in measured.values() for n in row})
     where = (f"interpolated from the benchmark grid (N {ns[0]}…{ns[-1]}, ε {es[0]:g}…{es[-1]:g})" if inside else
              f"OUTSIDE the benchmark grid (N {ns[0]}…{ns[-1]}, ε {es[0]:g}…{es[-1]:g}): nearest edge, a guess")
     return max(0.0, kept), where
