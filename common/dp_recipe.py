@@ -108,7 +108,8 @@ class DpRecipe:
         picked = {f: getattr(self, f) for f in RECIPE_FIELDS if f not in explicit}
         return replace(cfg, total_rounds=self.rounds, **picked).validate()
 
-    def describe(self) -> str:
+    def describe(self, explicit: frozenset[str] | set[str] = frozenset()) -> str:
+        """One line: what auto picked, σ, the prediction, and which settings the operator gave explicitly."""
         eps = "no DP" if self.epsilon is None else f"ε={self.epsilon:g}"
         sigma = "" if self.noise_multiplier is None else f", σ={self.noise_multiplier:.3f}"
         kept = ("kept fraction not predicted" if self.predicted_kept is None
@@ -116,7 +117,7 @@ class DpRecipe:
         return (f"DP recipe auto for N={self.num_records} notes, {eps}, {self.rounds} round(s): expected batch "
                 f"{self.batch_size} (q={self.sample_rate:.3g}), {self.local_steps} local step(s) per round, "
                 f"learning rate {self.learning_rate:g}, clipping norm {self.max_grad_norm:g}{sigma}; {kept} "
-                f"({self.basis})")
+                f"({self.basis})" + (f"; explicit {', '.join(sorted(explicit))} kept" if explicit else ""))
 
 
 def auto_recipe(num_records: int, epsilon: float | None, rounds: int, delta: float | None = None,

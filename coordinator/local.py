@@ -442,8 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = (args.modes.split(",") * args.workers)[:args.workers]
     print(f"run directory: {run_dir}")
     if args.recipe:
-        print(args.recipe.describe() + (f"; explicit {', '.join(sorted(args.explicit))} kept" if args.explicit
-                                        else ""))
+        print(args.recipe.describe(args.explicit))
     print(f"model {args.model}; hospitals {', '.join(f'{n} ({m})' for n, m in zip(names, modes, strict=True))}; "
           f"{'NO differential privacy (comparison run)' if args.no_dp else f'DP budget ε={args.epsilon:g}'}; "
           f"{'NO secure aggregation (comparison run)' if args.no_secagg else 'secure aggregation'}; "

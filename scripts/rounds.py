@@ -128,7 +128,7 @@ async def with_recipe(op: OperatorClient, cfg: TrainingConfig, explicit: set[str
                       "defaults[/]")
         return cfg
     recipe = auto_recipe(min(w.num_records for w in workers), min(budgets) if budgets else None, cfg.total_rounds)
-    console.print(escape(recipe.describe() + (f"; explicit {', '.join(sorted(explicit))} kept" if explicit else "")
+    console.print(escape(recipe.describe(explicit)
                          + "; the clipping norm is each worker's --max-grad-norm, whose default is the recipe's"))
     return recipe.apply(cfg, explicit)
 
