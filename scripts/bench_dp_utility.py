@@ -57,7 +57,6 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 import argparse
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -78,6 +77,9 @@ from worker.lora import load_lora_state_dict, lora_state_dict
 from worker.model import LoraConfig, SplitLlama
 from worker.runtime import MODES, Runtime, build, tokenizer
 from worker.train import DpSettings, Trainer, held_out_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
+from bench_matmul import machine_info
 
 MODEL = "smollm2-135m"
 HOSPITALS = 3
@@ -206,13 +208,9 @@ def kept_fractions(results: list[dict[str, Any]], base: float) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    """The benchmarks' machine description (bench_matmul.machine_info), with memory and the load at the start."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem / 2**30, 1),
-            "torch_threads": torch.get_num_threads(), "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "system": f"{platform.system()} {platform.release()}", "load_average_start": os.getloadavg()}
+    return {**machine_info(), "memory_gib": round(mem / 2**30, 1), "load_average_start": os.getloadavg()}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
